@@ -1,0 +1,84 @@
+"""Training-step throughput: tokens/s, seconds/step, model TFLOPs/step and MFU.
+
+    python benchmarks/train_step.py --config=configs/iar.py:b --batch=8 --steps=3
+
+Model FLOPs count the matmuls of forward + backward (6 · params_in_matmuls · tokens plus the
+attention score/value products), not rematerialisation. On CPU there is no published peak, so
+`mfu` is reported only for known accelerators.
+"""
+import argparse
+import time
+
+import common
+
+common.add_repo_to_path()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from iar_jax import trainer as trainer_lib  # noqa: E402
+from iar_jax.config_lib import load_config  # noqa: E402
+from iar_jax.models.gpt import count_params  # noqa: E402
+
+
+def model_flops_per_step(params, config, batch: int) -> float:
+    m = config.model
+    seq = m.grid_size ** 2 + 1
+    # Embedding tables are lookups, not matmuls.
+    lookups = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
+                  if any("embedding" in str(getattr(k, "key", k)) for k in path))
+    n = count_params(params) - lookups
+    dense = 6.0 * n * batch * seq
+    head_dim = m.dim // m.n_head
+    attn = 6.0 * 2 * m.n_layer * m.n_head * seq * seq * head_dim * batch  # QK^T and PV, fwd+bwd
+    return dense + attn
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/iar.py:b")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dtype", default=None, help="compute dtype override (float32 | bfloat16)")
+    args = ap.parse_args()
+    on_cpu = jax.devices()[0].platform == "cpu"
+    overrides = {"train.global_batch": args.batch}
+    if args.dtype or on_cpu:
+        overrides["model.dtype"] = args.dtype or "float32"
+    config = load_config(args.config, **overrides)
+    tr = trainer_lib.Trainer(config)
+    state = tr.init_state(0)
+    src = trainer_lib.make_source(config, tr.spec)
+    it = trainer_lib._data_iterator(config, src)
+    batch = tr.put_batch(next(it))
+    t0 = time.perf_counter()
+    state, metrics = tr.step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        batch = tr.put_batch(next(it))
+        t0 = time.perf_counter()
+        state, metrics = tr.step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    tokens = args.batch * config.model.grid_size ** 2
+    flops = model_flops_per_step(jax.eval_shape(lambda: state["params"]), config, args.batch)
+    result = {
+        "config": args.config, "batch": args.batch, "device": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(), "dtype": config.model.dtype,
+        "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
+        "model_tflops_per_step": round(flops / 1e12, 4), "achieved_tflops": round(flops / step_s / 1e12, 4),
+        "first_step_s": round(compile_s, 2), "loss": float(metrics["loss"]),
+    }
+    peak = common.device_peak_flops(jax.devices()[0])
+    if peak:
+        result["mfu"] = round(flops / step_s / (peak * jax.device_count()), 4)
+    for i, t in enumerate(times):
+        print(f"step {i}: {t:.3f} s")
+    common.emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""IAR: LlamaGen GPT + cluster-oriented cross-entropy on a rearranged codebook.
+
+Launch (one host, any device count; a TPU pod runs the same line on every worker):
+
+    iar-jax train --config=configs/iar.py:b --workdir=/tmp/iar_b \
+        --config.data.path=/data/imagenet_codes --config.loss.mapping_file=/data/rearranged/mapping.npy
+
+`ARG` is a size (tiny | b | l | xl | xxl | 3b) optionally followed by `,key=value` presets:
+`grid=24` (384 px, 24x24 tokens), `vocab=N`, `classes=N`, `cluster=N`. Any field is also
+overridable with `--config.a.b=value`.
+"""
+import ml_collections
+
+# (n_layer, n_head, dim): the published LlamaGen/IAR sizes.
+SIZES = {
+    "tiny": (2, 4, 64),
+    "b": (12, 12, 768),
+    "l": (24, 16, 1024),
+    "xl": (36, 20, 1280),
+    "xxl": (48, 24, 1536),
+    "3b": (24, 32, 3200),
+}
+
+
+def parse_arg(arg, default_size="b"):
+    parts = [p for p in (arg or default_size).split(",") if p]
+    size, opts = parts[0], {}
+    for p in parts[1:]:
+        if "=" not in p:
+            raise ValueError(f"config argument {p!r} is not key=value; use e.g. configs/iar.py:b,grid=24")
+        k, v = p.split("=", 1)
+        opts[k] = v
+    return size, opts
+
+
+def mesh_config(data=-1, fsdp=1, tensor=1):
+    mesh = ml_collections.ConfigDict()
+    # Axis sizes; one may be -1 (= the remaining devices). data x fsdp x tensor must equal the count.
+    mesh.data, mesh.fsdp, mesh.tensor = data, fsdp, tensor
+    # Logical -> mesh axis rules (MaxText style). Params: 'embed' is split over fsdp (ZeRO-3);
+    # 'heads'/'mlp'/'vocab' over tensor. Activations: batch over data and fsdp.
+    mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("kv", None),
+        ("length", None),
+        ("layers", None),
+        ("norm", None),
+        ("classes", None),
+    )
+    return mesh
+
+
+def optim_config(lr=1e-4, schedule="constant", min_lr=0.0, warmup_steps=0):
+    o = ml_collections.ConfigDict()
+    o.lr = lr
+    o.schedule = schedule  # constant | cosine
+    o.min_lr = min_lr  # cosine end value
+    o.warmup_steps = warmup_steps
+    o.b1, o.b2, o.eps = 0.9, 0.95, 1e-8
+    o.weight_decay = 0.05  # on >= 2-D params only (LlamaGen)
+    o.grad_clip = 1.0
+    return o
+
+
+def train_config(global_batch=256, num_steps=1_500_000):
+    t = ml_collections.ConfigDict()
+    t.seed = 0
+    t.global_batch = global_batch
+    t.micro_batches = 1  # gradient accumulation: global_batch is split into this many scanned chunks
+    t.num_steps = num_steps
+    t.ema_decay = 0.0  # 0 disables the EMA copy of the params
+    t.log_every = 100
+    t.ckpt_every = 5000
+    t.keep_ckpts = 3
+    return t
+
+
+def data_config():
+    d = ml_collections.ConfigDict()
+    # synthetic (tests) | npy (codes [N, T] + labels [N] in .npz / .npy pair) | records (extracted codes)
+    d.source = "synthetic"
+    d.path = ""
+    d.synthetic_size = 4096
+    d.num_workers = 0
+    return d
+
+
+def get_config(arg=None):
+    size, opts = parse_arg(arg)
+    if size not in SIZES:
+        raise ValueError(f"unknown IAR size {size!r}; use one of {', '.join(SIZES)}")
+    n_layer, n_head, dim = SIZES[size]
+    tiny = size == "tiny"
+    c = ml_collections.ConfigDict()
+    c.model_family = "iar"
+    c.size = size
+
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = int(opts.get("vocab", 256 if tiny else 16384))
+    m.num_classes = int(opts.get("classes", 10 if tiny else 1000))
+    m.dim, m.n_layer, m.n_head = dim, n_layer, n_head
+    m.grid_size = int(opts.get("grid", 4 if tiny else 16))
+    m.cls_token_num = 1
+    m.token_dropout = 0.1
+    m.attn_dropout = 0.0
+    m.resid_dropout = 0.1
+    m.ffn_dropout = 0.1
+    m.drop_path = 0.0
+    m.class_dropout = 0.1
+    m.dtype = "float32" if tiny else "bfloat16"  # compute dtype; params stay fp32
+    m.scan_layers = True
+    m.remat = "none" if size in ("tiny", "b", "l") else "full"
+
+    loss = c.loss = ml_collections.ConfigDict()
+    loss.cluster_size = int(opts.get("cluster", 16 if tiny else 128))
+    loss.cluster_weight = 1.0  # lambda; 0 = plain LlamaGen token CE
+    loss.mapping_file = ""  # old -> new code ids (.npy) from `iar-jax rearrange`; "" = codes already in new order
+
+    c.optim = optim_config(lr=1e-4)
+    c.train = train_config(global_batch=16 if tiny else 256, num_steps=100 if tiny else 1_500_000)
+    if tiny:
+        c.train.log_every, c.train.ckpt_every = 10, 50
+    c.data = data_config()
+    c.mesh = mesh_config(fsdp=-1 if size in ("xl", "xxl", "3b") else 1, data=1 if size in ("xl", "xxl", "3b") else -1)
+    return c

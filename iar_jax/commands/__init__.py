@@ -1,0 +1,1 @@
+"""CLI subcommands: each module defines its flags and `main(argv)`."""

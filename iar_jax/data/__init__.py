@@ -1,0 +1,1 @@
+"""Datasets, preprocessing, code extraction and training input."""

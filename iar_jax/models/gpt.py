@@ -1,0 +1,383 @@
+"""LlamaGen's class-conditional GPT (the AR transformer of IAR and IAR2), in Flax Linen.
+
+Pre-norm decoder with RMSNorm, fused-qkv attention with 2D RoPE, SwiGLU FFN, no biases, a class
+token in front of the image tokens. Parameter names and layouts mirror the PyTorch modules so the
+converter (`iar_jax.convert.gpt`) is a set of transposes and reshapes.
+
+Three entry points share one set of blocks:
+  * `__call__(codes, labels, train)`: teacher-forced training forward, logits [B, T, V] (fp32);
+  * `prefill(labels, cache)`: class token(s) into a fresh fixed-size KV cache;
+  * `decode(tokens, pos, cache)`: one image token at sequence position `pos`.
+The KV cache is an explicit pytree {'k', 'v'} of shape [n_layer, B, S, H, Dh], so a `lax.scan`
+sampler can carry it and XLA updates it in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Cache = Dict[str, Array]
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    grid_size: int = 16  # image tokens form a grid_size x grid_size grid
+    cls_token_num: int = 1
+    multiple_of: int = 256
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    token_dropout: float = 0.1
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    drop_path: float = 0.0
+    class_dropout: float = 0.1
+    dtype: str = "float32"  # compute dtype; params are always fp32
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots (save matmul outputs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        # LlamaGen: int(2 * 4d / 3) rounded up to a multiple of 256.
+        return find_multiple(int(2 * 4 * self.dim / 3), self.multiple_of)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.cls_token_num + self.num_tokens
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def validate(self) -> "GPTConfig":
+        if self.dim % self.n_head:
+            raise ValueError(f"model dim {self.dim} is not divisible by n_head {self.n_head}; pick n_head dividing dim")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim {self.head_dim} must be divisible by 4 for 2D RoPE; change dim or n_head")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat={self.remat!r} is not one of none|full|dots")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# 2D rotary embedding
+
+
+def rope_table_2d(grid_size: int, head_dim: int, base: float = 10000.0, cls_token_num: int = 1) -> np.ndarray:
+    """[cls_token_num + grid², head_dim/2, 2] (cos, sin) table, LlamaGen's `precompute_freqs_cis_2d`.
+
+    The first half of the rotated pairs uses the row index, the second the column index. The class
+    rows are all zeros (cos = sin = 0), which zeroes q and k there; kept for checkpoint parity.
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (np.arange(0, half, 2)[: half // 2].astype(np.float32) / half))
+    t = np.arange(grid_size, dtype=np.float32)
+    f = np.outer(t, freqs).astype(np.float32)  # [G, head_dim/4]
+    rows = np.broadcast_to(f[:, None, :], (grid_size, grid_size, f.shape[1]))
+    cols = np.broadcast_to(f[None, :, :], (grid_size, grid_size, f.shape[1]))
+    grid = np.concatenate([rows, cols], axis=-1).reshape(grid_size * grid_size, half)
+    table = np.stack([np.cos(grid), np.sin(grid)], axis=-1).astype(np.float32)
+    return np.concatenate([np.zeros((cls_token_num, half, 2), np.float32), table], axis=0)
+
+
+def apply_rope(x: Array, rope: Array) -> Array:
+    """x [B, L, H, Dh]; rope [L, Dh/2, 2] (or [B, L, Dh/2, 2]). Adjacent (even, odd) pairs rotate."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    if rope.ndim == 3:
+        rope = rope[None]
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
+    x0, x1 = x[..., 0], x[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+    return out.reshape(*out.shape[:-2], -1).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        # Reference: norm in fp32, cast back to the input dtype, then scale.
+        return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
+
+
+def _dense(features, axes, name, dtype, in_axis=-1, kernel_init=_INIT):
+    return nn.DenseGeneral(
+        features=features,
+        axis=in_axis,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        name=name,
+    )
+
+
+def _constrain(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+class Attention(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, rope, *, train: bool, cache_kv=None, start=None):
+        """x [B, L, D]. Without a cache: causal self-attention over x. With `cache_kv=(k, v)`
+        ([B, S, H, Dh] each) the new keys/values are written at `start` and queries attend to all
+        cached positions ≤ their own. Returns (out, new (k, v) or None, attention to key 0 [B])."""
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        qkv = _dense((3, cfg.n_head, cfg.head_dim), ("embed", None, "heads", "kv"), "wqkv", dt)(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
+        q = _constrain(q, ("batch", "length", "heads", "kv"))
+        k = _constrain(k, ("batch", "length", "heads", "kv"))
+        v = _constrain(v, ("batch", "length", "heads", "kv"))
+        L = x.shape[1]
+        if cache_kv is None:
+            keys, values = k, v
+            q_pos = jnp.arange(L)
+            new_cache = None
+        else:
+            ck, cv = cache_kv
+            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
+            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
+            new_cache = (keys, values)
+            q_pos = start + jnp.arange(L)
+        k_pos = jnp.arange(keys.shape[1])
+        mask = k_pos[None, :] <= q_pos[:, None]  # [L, S]
+        scores = jnp.einsum("blhd,bshd->bhls", q, keys.astype(dt)).astype(jnp.float32)
+        scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
+        scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)  # fp32 softmax
+        attn0 = jnp.mean(probs[:, :, -1, 0], axis=1)  # last query -> class key, head-mean
+        if cfg.attn_dropout > 0:
+            probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=not train)
+        out = jnp.einsum("bhls,bshd->blhd", probs.astype(dt), values.astype(dt))
+        out = _dense(cfg.dim, ("heads", "kv", "embed"), "wo", dt, in_axis=(-2, -1))(out)
+        out = nn.Dropout(cfg.resid_dropout)(out, deterministic=not train)
+        return out, new_cache, attn0
+
+
+class FeedForward(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        h1 = _dense(cfg.ffn_dim, ("embed", "mlp"), "w1", dt)(x)
+        h3 = _dense(cfg.ffn_dim, ("embed", "mlp"), "w3", dt)(x)
+        h = _constrain(nn.silu(h1) * h3, ("batch", "length", "mlp"))
+        out = _dense(cfg.dim, ("mlp", "embed"), "w2", dt)(h)
+        return nn.Dropout(cfg.ffn_dropout)(out, deterministic=not train)
+
+
+class DropPath(nn.Module):
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class TransformerBlock(nn.Module):
+    cfg: GPTConfig
+    drop_path: float = 0.0
+    train: bool = False  # an attribute, not a call arg, so nn.remat never traces it
+
+    @nn.compact
+    def __call__(self, x, rope, cache_kv=None, start=None):
+        cfg, train = self.cfg, self.train
+        h, new_cache, attn0 = Attention(cfg, name="attention")(
+            RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attention_norm")(x), rope,
+            train=train, cache_kv=cache_kv, start=start)
+        x = x + DropPath(self.drop_path)(h, train=train)
+        h = FeedForward(cfg, name="feed_forward")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="ffn_norm")(x), train=train)
+        x = x + DropPath(self.drop_path)(h, train=train)
+        return _constrain(x, ("batch", "length", "embed")), new_cache, attn0
+
+
+def _remat(block_cls, policy: str):
+    if policy == "none":
+        return block_cls
+    pol = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nn.remat(block_cls, policy=pol, prevent_cse=True)
+
+
+class _ScanBody(nn.Module):
+    """One layer applied inside nn.scan; the stacked cache rides in the carry and is updated in place."""
+
+    cfg: GPTConfig
+    train: bool
+
+    @nn.compact
+    def __call__(self, carry, _):
+        x, rope, cache, start, layer = carry
+        block = _remat(TransformerBlock, self.cfg.remat)(self.cfg, self.cfg.drop_path, self.train, name="block")
+        if cache is None:
+            x, _, attn0 = block(x, rope)
+        else:
+            kv = (cache["k"][layer], cache["v"][layer])
+            x, (k, v), attn0 = block(x, rope, kv, start)
+            cache = {"k": cache["k"].at[layer].set(k), "v": cache["v"].at[layer].set(v)}
+        return (x, rope, cache, start, layer + 1), attn0
+
+
+class TransformerStack(nn.Module):
+    """n_layer blocks (optionally nn.scan-ned and remat-ed) followed by the final RMSNorm."""
+
+    cfg: GPTConfig
+    n_layer: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x, rope, *, train: bool, cache: Optional[Cache] = None, start=0):
+        cfg = self.cfg
+        n = self.n_layer or cfg.n_layer
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                _ScanBody,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=n,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, train, name="layers")
+            (x, _, cache, _, _), attn0 = scanned((x, rope, cache, jnp.asarray(start, jnp.int32), jnp.int32(0)), None)
+            attn0 = attn0[-1]
+        else:
+            block_cls = _remat(TransformerBlock, cfg.remat)
+            new_k, new_v = [], []
+            for i in range(n):
+                kv = None if cache is None else (cache["k"][i], cache["v"][i])
+                x, kv, attn0 = block_cls(cfg, cfg.drop_path, train, name=f"layers_{i}")(x, rope, kv, start)
+                if cache is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
+            if cache is not None:
+                cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+        x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="norm")(x)
+        return x, cache, attn0
+
+
+def init_cache(cfg: GPTConfig, batch: int, max_len: Optional[int] = None, dtype=None, n_layer=None) -> Cache:
+    """Zeroed fixed-size KV cache {'k', 'v'}: [n_layer, batch, max_len, n_head, head_dim]."""
+    shape = (n_layer or cfg.n_layer, batch, max_len or cfg.seq_len, cfg.n_head, cfg.head_dim)
+    dtype = dtype or cfg.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with a null row (index num_classes) used by label dropout and CFG."""
+
+    num_classes: int
+    dim: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, labels, *, train: bool):
+        table = self.param(
+            "embedding_table", nn.with_logical_partitioning(_INIT, ("classes", "embed")), (self.num_classes + 1, self.dim))
+        if train and self.dropout > 0:
+            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout
+            labels = jnp.where(drop, self.num_classes, labels)
+        return jnp.take(table, labels, axis=0)
+
+
+class GPT(nn.Module):
+    cfg: GPTConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout)
+        self.tok_embeddings = nn.Embed(
+            cfg.vocab_size, cfg.dim, embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+            param_dtype=jnp.float32)
+        self.transformer = TransformerStack(cfg)
+        self.output = _dense(cfg.vocab_size, ("embed", "vocab"), "output", cfg.compute_dtype,
+                             kernel_init=nn.initializers.zeros)
+        self.token_drop = nn.Dropout(cfg.token_dropout)
+        self.rope = jnp.asarray(rope_table_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num))
+
+    def _logits(self, h):
+        return _constrain(self.output(h).astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def _cls(self, labels, train):
+        # One class token per cls_token_num slot (c2i uses a single one).
+        e = self.cls_embedding(labels, train=train)[:, None, :]
+        return jnp.repeat(e, self.cfg.cls_token_num, axis=1)
+
+    def __call__(self, codes: Array, labels: Array, *, train: bool = False) -> Array:
+        """codes [B, T] int, labels [B] int -> logits [B, T, V] (fp32); position t predicts codes[:, t]."""
+        cfg = self.cfg
+        x = jnp.concatenate([self._cls(labels, train), self.tok_embeddings(codes[:, :-1])], axis=1)
+        x = self.token_drop(x.astype(cfg.compute_dtype), deterministic=not train)
+        x = _constrain(x, ("batch", "length", "embed"))
+        h, _, _ = self.transformer(x, self.rope[: x.shape[1]], train=train)
+        return self._logits(h[:, cfg.cls_token_num - 1:])
+
+    def prefill(self, labels: Array, cache: Cache) -> Tuple[Array, Cache, Array]:
+        """Class token(s) at positions [0, cls_token_num) -> logits of the first image token [B, V]."""
+        cfg = self.cfg
+        x = self._cls(labels, False).astype(cfg.compute_dtype)
+        h, cache, attn0 = self.transformer(x, self.rope[: cfg.cls_token_num], train=False, cache=cache, start=0)
+        return self._logits(h[:, -1:])[:, 0], cache, attn0
+
+    def decode(self, tokens: Array, pos: Array, cache: Cache) -> Tuple[Array, Cache, Array]:
+        """Image token ids [B] at sequence position `pos` -> next-token logits [B, V], cache, and the
+        last layer's head-mean attention weight to the class key [B]."""
+        x = self.tok_embeddings(tokens)[:, None, :].astype(self.cfg.compute_dtype)
+        rope = jax.lax.dynamic_slice_in_dim(self.rope, pos, 1, axis=0)
+        h, cache, attn0 = self.transformer(x, rope, train=False, cache=cache, start=pos)
+        return self._logits(h)[:, 0], cache, attn0
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_params(cfg: GPTConfig):
+    """The params tree as ShapeDtypeStructs (unboxed), without allocating."""
+    model = GPT(cfg)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32)))
+    return nn.unbox(shapes)["params"]

@@ -1,0 +1,77 @@
+"""Device mesh and logical-axis sharding (data / fsdp / tensor), configured by `config.mesh`."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_cfg, num_devices: int):
+    shape = [int(mesh_cfg[a]) for a in AXES]
+    if shape.count(-1) > 1:
+        raise ValueError(f"config.mesh has more than one axis set to -1 ({dict(zip(AXES, shape))}); fix all but one")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(zip(AXES, shape))} cannot fill {num_devices} devices; "
+                             f"set --config.mesh.* so their product divides {num_devices}")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"mesh data×fsdp×tensor = {'×'.join(map(str, shape))} = {int(np.prod(shape))} does not match "
+                         f"the {num_devices} devices; set --config.mesh.data/fsdp/tensor (one may be -1)")
+    return tuple(shape)
+
+
+def make_mesh(mesh_cfg, devices: Sequence = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # CPU / odd topologies: plain reshape is fine
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, AXES)
+
+
+def rules(mesh_cfg):
+    return tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax) for name, ax in mesh_cfg.rules)
+
+
+def logical_shardings(abstract_boxed, mesh: Mesh, mesh_cfg):
+    """NamedShardings for a tree of boxed (nn.LogicallyPartitioned) abstract values."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
+
+
+def batch_sharding(mesh: Mesh, ndim_extra: int = 0) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * ndim_extra)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def check_global_batch(global_batch: int, mesh: Mesh, micro_batches: int = 1) -> None:
+    dp = data_parallel_size(mesh)
+    if global_batch % (dp * micro_batches):
+        raise ValueError(f"global batch {global_batch} is not divisible by data-parallel size {dp} × micro_batches "
+                         f"{micro_batches}; set --config.train.global_batch to a multiple of {dp * micro_batches}")
+    if global_batch % jax.process_count():
+        raise ValueError(f"global batch {global_batch} is not divisible by the {jax.process_count()} processes")
+
+
+def host_local_to_global(batch, mesh: Mesh):
+    """Per-host numpy slices of the global batch -> global jax.Arrays sharded over the batch axes."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim - 1), np.asarray(x)), batch)

@@ -1,0 +1,347 @@
+"""The one trainer shared by IAR and IAR2 (the family is `config.model_family`).
+
+State is a plain dict {step, params, opt_state, rng[, ema_params]} created already sharded by
+`jax.jit(init, out_shardings=...)`; the update step is jitted with explicit shardings and donates
+the old state. Gradient accumulation is a `lax.scan` over micro-batches. The run resumes from the
+newest valid checkpoint in its workdir, saves every `ckpt_every` steps, on SIGTERM and at the
+end, and stops with a clear error on a non-finite loss without saving the bad state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from iar_jax import checkpointing, sharding
+from iar_jax.families import Family, get_family
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def lr_schedule(optim_cfg, num_steps: int) -> Callable:
+    lr, warm = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
+    if optim_cfg.schedule == "constant":
+        if warm:
+            return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
+        return optax.constant_schedule(lr)
+    if optim_cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0 if warm else lr, lr, warm, max(num_steps, warm + 1),
+                                                  float(optim_cfg.min_lr))
+    raise ValueError(f"unknown optim.schedule {optim_cfg.schedule!r}; use constant or cosine")
+
+
+def decay_mask(boxed_params):
+    """Weight decay on parameters that are >= 2-D in the reference model (the layer axis added by
+    nn.scan does not count), as LlamaGen's optimizer groups."""
+    def is_matrix(x):
+        if isinstance(x, nn.LogicallyPartitioned):
+            names = x.names
+            return len(names) - (1 if "layers" in names else 0) >= 2
+        return x.ndim >= 2
+
+    return jax.tree_util.tree_map(is_matrix, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def make_optimizer(optim_cfg, num_steps: int, mask):
+    schedule = lr_schedule(optim_cfg, num_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(float(optim_cfg.grad_clip)) if optim_cfg.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
+                    weight_decay=float(optim_cfg.weight_decay), mask=mask),
+    )
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+
+
+def structural_model_meta(config) -> Dict[str, Any]:
+    """Model settings that change parameter shapes (checked on resume / load)."""
+    keep = ("vocab_size", "detail_vocab_size", "num_classes", "dim", "n_layer", "n_head", "grid_size",
+            "head_layers", "cls_token_num")
+    return {k: config.model[k] for k in keep if k in config.model}
+
+
+@dataclasses.dataclass
+class Trainer:
+    config: Any
+    devices: Optional[list] = None
+
+    def __post_init__(self):
+        c = self.config
+        self.family: Family = get_family(c.model_family)
+        self.module, self.model_cfg = self.family.build(c)
+        self.mesh = sharding.make_mesh(c.mesh, self.devices)
+        self.rules = sharding.rules(c.mesh)
+        sharding.check_global_batch(int(c.train.global_batch), self.mesh, int(c.train.micro_batches))
+        self.spec = self.family.batch_spec(c)
+        self.loss_fn = self.family.make_loss(self.module, c)
+        dummy = {k: jnp.zeros((1,) + tuple(s), d) for k, (s, d) in self.spec.items()}
+        with self._ctx():
+            abstract_vars = jax.eval_shape(lambda r: self.family.init(self.module, r, dummy), jax.random.PRNGKey(0))
+            self.param_shardings = sharding.logical_shardings(abstract_vars["params"], self.mesh, c.mesh)
+        self.tx, self.schedule = make_optimizer(c.optim, int(c.train.num_steps), decay_mask(abstract_vars["params"]))
+        self._dummy = dummy
+        self.ema_decay = float(c.train.ema_decay)
+
+        def init(rng):
+            p_rng, d_rng = jax.random.split(rng)
+            params = nn.unbox(self.family.init(self.module, p_rng, dummy)["params"])
+            state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params), "rng": d_rng}
+            if self.ema_decay:
+                state["ema_params"] = params
+            return state
+
+        self._init = init
+        self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+        rep = sharding.replicated(self.mesh)
+        self.state_shardings = {
+            "step": rep,
+            "rng": rep,
+            "params": self.param_shardings,
+            "opt_state": optax.tree_map_params(
+                self.tx, lambda _, s: s, self.abstract_state["opt_state"], self.param_shardings,
+                transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)),
+        }
+        if self.ema_decay:
+            self.state_shardings["ema_params"] = self.param_shardings
+        self.batch_shardings = {k: sharding.batch_sharding(self.mesh, len(s)) for k, (s, _) in self.spec.items()}
+        self._jit_init = jax.jit(init, out_shardings=self.state_shardings)
+        self._jit_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
+                                 out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+
+    def _ctx(self):
+        return _MeshRules(self.mesh, self.rules)
+
+    # -- state --------------------------------------------------------------------------------
+    def init_state(self, seed: int):
+        with self._ctx():
+            return self._jit_init(jax.random.PRNGKey(seed))
+
+    def abstract_sharded_state(self):
+        return checkpointing.abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+    # -- step ---------------------------------------------------------------------------------
+    def _train_step(self, state, batch):
+        m = int(self.config.train.micro_batches)
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        grad_fn = jax.value_and_grad(lambda p, b, r: self.loss_fn(p, b, r, True), has_aux=True)
+        params = state["params"]
+        if m == 1:
+            (_, metrics), grads = grad_fn(params, batch, rng)
+        else:
+            # Micro-batch i takes rows i, i+m, i+2m, ...: every chunk stays spread over all devices.
+            def split(x):
+                x = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+                return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+            micro = jax.tree_util.tree_map(split, batch)
+
+            def body(acc, xs):
+                mb, i = xs
+                (_, mets), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                return jax.tree_util.tree_map(lambda a, b: a + b / m, acc, (g, mets)), None
+
+            (_, mets0), g0 = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro), rng)
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, mets0))
+            (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
+        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        new_state = dict(state, step=state["step"] + 1, params=new_params, opt_state=opt_state)
+        if self.ema_decay:
+            d = self.ema_decay
+            new_state["ema_params"] = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema_params"], new_params)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(state["step"]))
+        return new_state, metrics
+
+    def step(self, state, global_batch):
+        with self._ctx():
+            return self._jit_step(state, global_batch)
+
+    def put_batch(self, host_batch: Dict[str, np.ndarray]):
+        self.family.check_batch(host_batch, self.config)
+        missing = set(self.spec) - set(host_batch)
+        if missing:
+            raise ValueError(f"batch lacks {sorted(missing)} needed by model family {self.family.name!r} "
+                             f"(got {sorted(host_batch)}); check config.model_family against the codes")
+        host_batch = {k: host_batch[k] for k in self.spec}
+        for k, (shape, _) in self.spec.items():
+            if tuple(host_batch[k].shape[1:]) != tuple(shape):
+                raise ValueError(f"batch[{k!r}] has per-example shape {host_batch[k].shape[1:]}, the model expects "
+                                 f"{tuple(shape)}; check config.model.grid_size against the codes")
+        return sharding.host_local_to_global(host_batch, self.mesh)
+
+
+class _MeshRules:
+    """`with mesh` + logical axis rules, so nn.with_logical_constraint resolves inside jit."""
+
+    def __init__(self, mesh, rules):
+        self.mesh, self.rules = mesh, rules
+
+    def __enter__(self):
+        self._a = self.mesh.__enter__()
+        self._b = nn.logical_axis_rules(self.rules)
+        self._b.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._b.__exit__(*exc)
+        self.mesh.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input
+
+
+def make_source(config, spec):
+    from iar_jax.data import codes as codes_lib
+
+    d = config.data
+    if d.source == "synthetic":
+        return codes_lib.synthetic_source(spec, int(d.synthetic_size), int(config.train.seed) + 12345,
+                                          int(config.model.vocab_size), int(config.model.num_classes),
+                                          config.model.get("detail_vocab_size"))
+    if d.source in ("npy", "npz", "codes"):
+        if not d.path:
+            raise ValueError("config.data.path is empty; point it at codes written by `iar-jax extract_codes`")
+        return codes_lib.load_codes(d.path)
+    if d.source == "records":
+        from iar_jax.data import records
+
+        return records.open_source(d.path)
+    raise ValueError(f"unknown config.data.source {d.source!r}; use synthetic, npy or records")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop
+
+
+class _Preemption:
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, *_):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def any_host(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def train_and_evaluate(config, workdir: str, source=None, devices=None, num_steps: Optional[int] = None):
+    """Trains (resuming from `workdir`) until config.train.num_steps; returns (trainer, state)."""
+    from clu import metric_writers, parameter_overview, periodic_actions
+
+    trainer = Trainer(config, devices)
+    total = int(num_steps or config.train.num_steps)
+    source = source if source is not None else make_source(config, trainer.spec)
+    it = _data_iterator(config, source)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_ckpts))
+    meta = {"kind": "train_state", "model_family": config.model_family, "model": structural_model_meta(config)}
+    restored = ckpt.restore_latest(trainer.abstract_sharded_state(), expect_meta=meta)
+    if restored is None:
+        state, start = trainer.init_state(int(config.train.seed)), 0
+        logging.info("no checkpoint in %s: starting from scratch", workdir)
+    else:
+        state, data_state, _, start = restored
+        it.restore(data_state)
+        logging.info("resumed from step %d in %s", start, workdir)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if start == 0 and jax.process_index() == 0:
+        parameter_overview.log_parameter_overview(state["params"])
+        writer.write_hparams({k: v for k, v in _flatten_cfg(config).items()})
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_secs=60)]
+    log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
+    pending = []
+    last_saved = start if restored is not None else None
+
+    def flush():
+        if not pending:
+            return
+        rows = jax.device_get([m for _, m in pending])
+        for (s, _), row in zip(pending, rows):
+            if not (np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"])):
+                where = f"step {last_saved} in {ckpt.directory}" if last_saved is not None else "none saved yet"
+                raise NonFiniteLossError(
+                    f"non-finite loss ({row['loss']}) / grad norm ({row['grad_norm']}) at step {s}; stopped without "
+                    f"saving it (last good checkpoint: {where}); lower optim.lr or check the data")
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        writer.write_scalars(pending[-1][0], mean)
+        pending.clear()
+
+    def save(step, force=False):
+        nonlocal last_saved
+        flush()
+        ckpt.save(step, state, it.state(), meta, force=force)
+        last_saved = step
+
+    with _Preemption() as preempt:
+        step = start
+        while step < total:
+            batch = trainer.put_batch(next(it))
+            state, metrics = trainer.step(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            for h in hooks:
+                h(step)
+            if step % log_every == 0 or step == total:
+                flush()
+            if step % ckpt_every == 0 or step == total:
+                save(step)
+            if preempt.any_host():
+                if last_saved != step:
+                    save(step, force=True)
+                break
+    ckpt.close()
+    writer.flush()
+    return trainer, state
+
+
+def _data_iterator(config, source):
+    from iar_jax.data.codes import BatchIterator
+
+    return BatchIterator(source, int(config.train.global_batch), int(config.train.seed),
+                         jax.process_index(), jax.process_count())
+
+
+def _flatten_cfg(config, prefix=""):
+    out = {}
+    for k, v in config.items():
+        if hasattr(v, "items"):
+            out.update(_flatten_cfg(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+    return out

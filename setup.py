@@ -1,0 +1,40 @@
+"""iar-jax: JAX/Flax implementation of IAR and IAR2 (cluster-oriented AR image generation)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="iar-jax",
+    version="0.1.0",
+    description="IAR / IAR2 autoregressive image generation in JAX/Flax, TPU-native.",
+    packages=find_packages(include=["iar_jax", "iar_jax.*"]),
+    package_data={"iar_jax": ["data/embedded/*", "data/embedded/LICENSE*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.5",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "ml-collections",
+        "clu",
+        "grain",
+        "tensorflow-datasets",
+        # clu's metric writers import tensorflow and tensorboard without declaring them.
+        "tensorflow-cpu",
+        "tensorboard",
+        "absl-py",
+        "numpy",
+        "scipy",
+        "pillow",
+        "protobuf",
+        "tqdm",
+        "matplotlib",
+        "scikit-learn",
+        "scikit-image",
+        "pytest",
+    ],
+    extras_require={
+        # Only for reading/writing PyTorch checkpoints; never on the core path.
+        "torch": ["torch==2.13.0"],
+    },
+    entry_points={"console_scripts": ["iar-jax=iar_jax.cli:main"]},
+)

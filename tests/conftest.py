@@ -1,0 +1,23 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported), fp32, shared tiny configs."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO
+
+
+def tiny_iar_config(**overrides):
+    from iar_jax.config_lib import load_config
+
+    return load_config(os.path.join(REPO, "configs/iar.py:tiny"), **overrides)
