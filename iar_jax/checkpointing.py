@@ -18,9 +18,13 @@ class CheckpointKindError(ValueError):
     pass
 
 
+def _abspath(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)  # keep gs:// and other remote URLs
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = _abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
@@ -90,3 +94,53 @@ def check_kind(meta: Dict[str, Any], expect: Dict[str, Any], where: str) -> None
 
 def abstract_with_shardings(abstract_tree, shardings):
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+def save_params(directory: str, params, meta: Dict[str, Any]) -> None:
+    """A params-only checkpoint (converted weights, exports): `DIR/params` (orbax) + `DIR/meta.json`."""
+    import json
+
+    directory = _abspath(directory)
+    target = os.path.join(directory, "params")
+    if os.path.exists(target):
+        raise ValueError(f"{target} already exists; choose an empty --out directory (nothing is overwritten)")
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as c:
+        c.save(target, params)
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+
+
+def load_params(directory: str, expect_meta: Optional[Dict[str, Any]] = None, ema: bool = False):
+    """Params (numpy) from a params-only checkpoint or from a train workdir's newest checkpoint."""
+    import json
+
+    directory = _abspath(directory)
+    if os.path.isfile(os.path.join(directory, "meta.json")):
+        with open(os.path.join(directory, "meta.json")) as f:
+            meta = json.load(f)
+        if expect_meta:
+            check_kind(meta, expect_meta, directory)
+        with ocp.StandardCheckpointer() as c:
+            return c.restore(os.path.join(directory, "params")), meta
+    ck_dir = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) else directory
+    ck = Checkpointer(ck_dir, async_save=False)
+    steps = ck.all_steps()
+    if not steps:
+        raise ValueError(f"no checkpoint found in {directory}; pass a train --workdir or a `iar-jax convert` output")
+    for s in reversed(steps):
+        try:
+            meta = ck.read_meta(s)
+            if expect_meta:
+                check_kind(meta, expect_meta, os.path.join(ck_dir, str(s)))
+            state = ck.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        except CheckpointKindError:
+            raise
+        except Exception as e:
+            logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, ck_dir, e)
+            continue
+        key = "ema_params" if ema else "params"
+        if key not in state:
+            raise ValueError(f"checkpoint {ck_dir}/{s} has no {key}; train with --config.train.ema_decay>0 or drop ema")
+        return state[key], dict(meta, step=s)
+    raise ValueError(f"no readable checkpoint in {ck_dir}")

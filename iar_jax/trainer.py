@@ -308,25 +308,27 @@ def train_and_evaluate(config, workdir: str, source=None, devices=None, num_step
         ckpt.save(step, state, it.state(), meta, force=force)
         last_saved = step
 
-    with _Preemption() as preempt:
-        step = start
-        while step < total:
-            batch = trainer.put_batch(next(it))
-            state, metrics = trainer.step(state, batch)
-            step += 1
-            pending.append((step, metrics))
-            for h in hooks:
-                h(step)
-            if step % log_every == 0 or step == total:
-                flush()
-            if step % ckpt_every == 0 or step == total:
-                save(step)
-            if preempt.any_host():
-                if last_saved != step:
-                    save(step, force=True)
-                break
-    ckpt.close()
-    writer.flush()
+    try:
+        with _Preemption() as preempt:
+            step = start
+            while step < total:
+                batch = trainer.put_batch(next(it))
+                state, metrics = trainer.step(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                for h in hooks:
+                    h(step)
+                if step % log_every == 0 or step == total:
+                    flush()
+                if step % ckpt_every == 0 or step == total:
+                    save(step)
+                if preempt.any_host():
+                    if last_saved != step:
+                        save(step, force=True)
+                    break
+    finally:  # also on errors: let the last good (async) save land
+        ckpt.close()
+        writer.flush()
     return trainer, state
 
 

@@ -60,16 +60,17 @@ def test_cached_decode_equals_full_forward(scan):
     params = jax.tree_util.tree_unflatten(treedef, [0.3 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
     codes = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 32)
     labels = jnp.array([4, 0])
-    full = model.apply({"params": params}, codes, labels)
+    full = jax.jit(model.apply)({"params": params}, codes, labels)
+    decode = jax.jit(lambda tok, pos, cache: model.apply({"params": params}, tok, pos, cache, method=gpt.GPT.decode))
     cache = gpt.init_cache(cfg, 2)
     step_logits, cache, _ = model.apply({"params": params}, labels, cache, method=gpt.GPT.prefill)
     got = [step_logits]
     for t in range(8):
-        lg, cache, _ = model.apply({"params": params}, codes[:, t], jnp.int32(t + 1), cache, method=gpt.GPT.decode)
+        lg, cache, _ = decode(codes[:, t], jnp.int32(t + 1), cache)
         got.append(lg)
     np.testing.assert_allclose(np.stack(got, 1), full, rtol=1e-5, atol=1e-5)
     # Causality: changing the last code leaves every logit unchanged (it is never an input).
-    full2 = model.apply({"params": params}, codes.at[:, -1].set((codes[:, -1] + 1) % 32), labels)
+    full2 = jax.jit(model.apply)({"params": params}, codes.at[:, -1].set((codes[:, -1] + 1) % 32), labels)
     np.testing.assert_array_equal(full, full2)
 
 

@@ -1,0 +1,67 @@
+"""`iar-jax convert`: official PyTorch checkpoints <-> Flax params.
+
+    iar-jax convert --kind=llamagen_gpt --config=configs/iar.py:b --torch=c2i_B_256.pt --out=DIR
+    iar-jax convert --kind=llamagen_gpt --config=configs/iar.py:b --params=WORKDIR_OR_DIR --to_torch=out.pt [--ema]
+"""
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config describing the model (configs/FILE.py:ARG).")
+_KIND = flags.DEFINE_string("kind", None, "llamagen_gpt | iar2_gpt | llamagen_vq | iar2_vq | lpips")
+_TORCH = flags.DEFINE_string("torch", None, "PyTorch checkpoint to convert to Flax.")
+_OUT = flags.DEFINE_string("out", None, "Directory for the converted Flax params (must not exist yet).")
+_PARAMS = flags.DEFINE_string("params", None, "Flax params dir or train workdir to export to PyTorch.")
+_TO_TORCH = flags.DEFINE_string("to_torch", None, "Output .pt file for the export.")
+_EMA = flags.DEFINE_bool("ema", False, "Export the EMA params of a train workdir.")
+flags.mark_flags_as_required(["kind"])
+
+
+def model_config_for(kind: str, config):
+    if kind in ("llamagen_gpt", "iar2_gpt"):
+        from iar_jax.families import get_family
+
+        family = "iar" if kind == "llamagen_gpt" else "iar2"
+        if config is None or config.get("model_family") != family:
+            raise ValueError(f"--kind={kind} needs --config of model_family {family!r} (e.g. configs/{family}.py:b)")
+        return get_family(family).build(config)[1]
+    if kind in ("llamagen_vq", "iar2_vq"):
+        from iar_jax.tokenizer.config import model_config_from
+
+        if config is None:
+            raise ValueError(f"--kind={kind} needs --config=configs/tokenizer.py:VARIANT")
+        return model_config_from(config)
+    return None
+
+
+def main(argv):
+    del argv
+    import os
+
+    from iar_jax import checkpointing
+    from iar_jax.convert import from_torch, load_torch_file, to_torch
+
+    kind, config = _KIND.value, _CONFIG.value
+    model_cfg = model_config_for(kind, config)
+    meta = {"kind": kind}
+    if config is not None and "model_family" in config:
+        from iar_jax.trainer import structural_model_meta
+
+        meta.update(model_family=config.model_family, model=structural_model_meta(config))
+    if _TORCH.value:
+        if not _OUT.value:
+            raise ValueError("--torch needs --out=DIR for the Flax params")
+        params = from_torch(load_torch_file(_TORCH.value), kind, model_cfg)
+        checkpointing.save_params(_OUT.value, params, dict(meta, source=os.path.abspath(_TORCH.value)))
+        print(f"wrote Flax params of {kind} to {_OUT.value}")
+    elif _PARAMS.value:
+        if not _TO_TORCH.value:
+            raise ValueError("--params needs --to_torch=FILE.pt")
+        if os.path.exists(_TO_TORCH.value):
+            raise ValueError(f"{_TO_TORCH.value} exists; choose a new file (nothing is overwritten)")
+        params, _ = checkpointing.load_params(_PARAMS.value, ema=_EMA.value)
+        import torch
+
+        torch.save(to_torch(params, kind, model_cfg, as_torch=True), _TO_TORCH.value)
+        print(f"wrote PyTorch state dict of {kind} to {_TO_TORCH.value}")
+    else:
+        raise ValueError("pass --torch=CKPT --out=DIR (import) or --params=DIR --to_torch=FILE (export)")
