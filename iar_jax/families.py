@@ -112,6 +112,9 @@ def _iar_loss(module, config):
 
 
 def _iar_check(batch, config):
+    if "detail_codes" in batch:
+        raise ValueError("batch has 'detail_codes' (dual IAR2 codes) but model_family 'iar' trains one codebook; "
+                         "train dual codes with configs/iar2.py, or extract single-codebook codes")
     check_ids("class label", batch["labels"], config.model.num_classes,
               "labels must be < config.model.num_classes (the null class is reserved for CFG)")
     check_ids("code", batch["codes"], config.model.vocab_size,

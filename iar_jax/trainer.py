@@ -72,9 +72,10 @@ def make_optimizer(optim_cfg, num_steps: int, mask):
 
 
 def structural_model_meta(config) -> Dict[str, Any]:
-    """Model settings that change parameter shapes (checked on resume / load)."""
+    """Model settings that change parameter shapes, or (official_rope) what the weights mean
+    (checked on resume / load)."""
     keep = ("vocab_size", "detail_vocab_size", "num_classes", "dim", "n_layer", "n_head", "grid_size",
-            "head_layers", "cls_token_num")
+            "head_layers", "cls_token_num", "official_rope")
     return {k: config.model[k] for k in keep if k in config.model}
 
 

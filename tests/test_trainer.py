@@ -166,6 +166,8 @@ def test_bad_batches_and_mapping(tmp_path):
         tr.put_batch(dict(b, labels=np.full_like(b["labels"], 10)))
     with pytest.raises(ValueError, match="code id 256 is outside \\[0, 256\\)"):
         tr.put_batch(dict(b, codes=np.full_like(b["codes"], 256)))
+    with pytest.raises(ValueError, match="'detail_codes' \\(dual IAR2 codes\\)"):
+        tr.put_batch(dict(b, detail_codes=b["codes"]))
     bad = tmp_path / "mapping.npy"
     np.save(bad, np.zeros(256, np.int64))
     with pytest.raises(ValueError, match="not a permutation"):

@@ -264,10 +264,12 @@ class _ScanBody(nn.Module):
 
 
 class TransformerStack(nn.Module):
-    """n_layer blocks (optionally nn.scan-ned and remat-ed) followed by the final RMSNorm."""
+    """n_layer blocks (optionally nn.scan-ned and remat-ed) followed by the final RMSNorm
+    (`final_norm=False`: none, e.g. the IAR2 trunk, whose raw outputs feed its window and head)."""
 
     cfg: GPTConfig
     n_layer: Optional[int] = None
+    final_norm: bool = True
 
     @nn.compact
     def __call__(self, x, rope, *, train: bool, cache: Optional[Cache] = None, start=0):
@@ -294,7 +296,8 @@ class TransformerStack(nn.Module):
                     new_v.append(kv[1])
             if cache is not None:
                 cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
-        x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="norm")(x)
+        if self.final_norm:
+            x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="norm")(x)
         return x, cache, attn0
 
 
