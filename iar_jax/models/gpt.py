@@ -208,32 +208,32 @@ class FeedForward(nn.Module):
         return nn.Dropout(cfg.ffn_dropout)(out, deterministic=not train)
 
 
-class DropPath(nn.Module):
-    rate: float
+def drop_path(x, rate, rng):
+    """Stochastic depth: drop the residual branch per sample with probability `rate` (may be traced)."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
-    @nn.compact
-    def __call__(self, x, *, train: bool):
-        if not train or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+def drop_path_rate(cfg: GPTConfig, layer, n_layer: int):
+    # LlamaGen: torch.linspace(0, drop_path_rate, n_layer), one rate per layer.
+    return cfg.drop_path * layer / max(n_layer - 1, 1)
 
 
 class TransformerBlock(nn.Module):
     cfg: GPTConfig
-    drop_path: float = 0.0
     train: bool = False  # an attribute, not a call arg, so nn.remat never traces it
 
     @nn.compact
-    def __call__(self, x, rope, cache_kv=None, start=None):
+    def __call__(self, x, rope, cache_kv=None, start=None, drop_rate=0.0):
         cfg, train = self.cfg, self.train
+        use_dp = train and cfg.drop_path > 0
         h, new_cache, attn0 = Attention(cfg, name="attention")(
             RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attention_norm")(x), rope,
             train=train, cache_kv=cache_kv, start=start)
-        x = x + DropPath(self.drop_path)(h, train=train)
+        x = x + (drop_path(h, drop_rate, self.make_rng("dropout")) if use_dp else h)
         h = FeedForward(cfg, name="feed_forward")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="ffn_norm")(x), train=train)
-        x = x + DropPath(self.drop_path)(h, train=train)
+        x = x + (drop_path(h, drop_rate, self.make_rng("dropout")) if use_dp else h)
         return _constrain(x, ("batch", "length", "embed")), new_cache, attn0
 
 
@@ -249,16 +249,18 @@ class _ScanBody(nn.Module):
 
     cfg: GPTConfig
     train: bool
+    n_layer: int
 
     @nn.compact
     def __call__(self, carry, _):
         x, rope, cache, start, layer = carry
-        block = _remat(TransformerBlock, self.cfg.remat)(self.cfg, self.cfg.drop_path, self.train, name="block")
+        block = _remat(TransformerBlock, self.cfg.remat)(self.cfg, self.train, name="block")
+        rate = drop_path_rate(self.cfg, layer, self.n_layer)
         if cache is None:
-            x, _, attn0 = block(x, rope)
+            x, _, attn0 = block(x, rope, None, None, rate)
         else:
             kv = (cache["k"][layer], cache["v"][layer])
-            x, (k, v), attn0 = block(x, rope, kv, start)
+            x, (k, v), attn0 = block(x, rope, kv, start, rate)
             cache = {"k": cache["k"].at[layer].set(k), "v": cache["v"].at[layer].set(v)}
         return (x, rope, cache, start, layer + 1), attn0
 
@@ -282,15 +284,16 @@ class TransformerStack(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 length=n,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, train, name="layers")
+            )(cfg, train, n, name="layers")
             (x, _, cache, _, _), attn0 = scanned((x, rope, cache, jnp.asarray(start, jnp.int32), jnp.int32(0)), None)
             attn0 = attn0[-1]
         else:
             block_cls = _remat(TransformerBlock, cfg.remat)
+            drop_rate_i = lambda i: drop_path_rate(cfg, i, n)  # noqa: E731
             new_k, new_v = [], []
             for i in range(n):
                 kv = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, kv, attn0 = block_cls(cfg, cfg.drop_path, train, name=f"layers_{i}")(x, rope, kv, start)
+                x, kv, attn0 = block_cls(cfg, train, name=f"layers_{i}")(x, rope, kv, start, drop_rate_i(i))
                 if cache is not None:
                     new_k.append(kv[0])
                     new_v.append(kv[1])

@@ -1,0 +1,83 @@
+"""IAR2: fused semantic-detail tokens + local-context window head (arXiv 2510.06928).
+
+Launch (one host, any device count; a TPU pod runs the same line on every worker):
+
+    iar-jax train --config=configs/iar2.py:b --workdir=/tmp/iar2_b \
+        --config.data.source=npy --config.data.path=/data/imagenet_dual_codes
+
+`ARG` is a size (tiny | b | l | xl | xxl) optionally followed by `,key=value` presets:
+`grid=N` (tokens per side; 24 = 384 px as released, 16 = 256 px), `rope=official|2d` (official,
+the default: the released code's RoPE layout, required for official checkpoints; 2d: the proper
+2D layout, for new training runs only), `w1=2` (semantic loss weight),
+`classes=N`, `vocab=N` / `detail_vocab=N` (codebook sizes). Any field is also overridable with
+`--config.a.b=value`. Codes are dual: `codes` (semantic ids) + `detail_codes` + `labels`.
+
+Official checkpoints: `iar-jax convert --kind=iar2_gpt --config=configs/iar2.py:xl --torch=IAR2-XL.pt
+--out=DIR`, then sample with the reference guidance (both sub-tokens 1.75 -> 3.0, w_attn 0.05):
+`iar-jax sample --config=configs/iar2.py:xl --workdir=DIR ... --guidance=attention --cfg_start=1.75
+--cfg_end=3.0 --w_attn=0.05`.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+# The shared helpers (mesh, optimizer, train, data sections) live in configs/iar.py.
+_spec = importlib.util.spec_from_file_location("_iar_config_base", os.path.join(os.path.dirname(__file__), "iar.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+# (n_layer, n_head, dim): the published IAR2 sizes (143.1M / 408.2M / 884.3M / 1570.1M params).
+SIZES = {
+    "tiny": (2, 4, 96),
+    "b": (12, 12, 768),
+    "l": (24, 16, 1024),
+    "xl": (36, 20, 1280),
+    "xxl": (48, 24, 1536),
+}
+
+
+def get_config(arg=None):
+    size, opts = _base.parse_arg(arg)
+    if size not in SIZES:
+        raise ValueError(f"unknown IAR2 size {size!r}; use one of {', '.join(SIZES)}")
+    n_layer, n_head, dim = SIZES[size]
+    tiny = size == "tiny"
+    c = ml_collections.ConfigDict()
+    c.model_family = "iar2"
+    c.size = size
+
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = int(opts.get("vocab", 16 if tiny else 256))  # semantic codebook
+    m.detail_vocab_size = int(opts.get("detail_vocab", 64 if tiny else 4096))
+    m.num_classes = int(opts.get("classes", 10 if tiny else 1000))
+    m.dim, m.n_layer, m.n_head = dim, n_layer, n_head
+    m.head_layers = 2 if tiny else 5  # reference factorized_n_layer = 5
+    m.grid_size = int(opts.get("grid", 4 if tiny else 24))
+    m.cls_token_num = 1
+    m.token_dropout = 0.1
+    m.attn_dropout = 0.0
+    m.resid_dropout = 0.1
+    m.ffn_dropout = 0.1
+    m.drop_path = 0.0
+    m.class_dropout = 0.1
+    m.dtype = "float32" if tiny else "bfloat16"
+    m.scan_layers = True
+    m.remat = "none" if size in ("tiny", "b", "l") else "full"
+    rope = opts.get("rope", "official")
+    if rope not in ("official", "2d"):
+        raise ValueError(f"rope={rope!r} is not official or 2d; e.g. configs/iar2.py:b,rope=2d")
+    m.official_rope = rope == "official"
+
+    loss = c.loss = ml_collections.ConfigDict()
+    loss.semantic_weight = float(opts.get("w1", 1.0))  # w1 in w1·CE_sem + CE_det (2.0 in one reference recipe)
+
+    # Reference FSDP recipe: cosine 3e-4 -> 1e-4, AdamW (0.9, 0.95), wd 0.05, clip 1.0, batch 256.
+    c.optim = _base.optim_config(lr=3e-4, schedule="cosine", min_lr=1e-4)
+    c.train = _base.train_config(global_batch=16 if tiny else 256, num_steps=100 if tiny else 1_500_000)
+    if tiny:
+        c.train.log_every, c.train.ckpt_every = 10, 50
+    c.data = _base.data_config()
+    big = size in ("xl", "xxl")
+    c.mesh = _base.mesh_config(fsdp=-1 if big else 1, data=1 if big else -1)
+    return c
