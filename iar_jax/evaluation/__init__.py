@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: ADM-protocol FID / sFID / IS / precision-recall and a small-CNN FID."""
