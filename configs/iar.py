@@ -84,6 +84,7 @@ def data_config():
     # synthetic (tests) | npy (codes [N, T] + labels [N] in .npz / .npy pair) | records (extracted codes)
     d.source = "synthetic"
     d.path = ""
+    d.tokenizer = ""  # tokenizer checkpoint the codes must come from (checked by fingerprint); "" = unchecked
     d.synthetic_size = 4096
     d.num_workers = 0
     return d

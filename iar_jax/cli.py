@@ -40,7 +40,13 @@ def main(argv=None) -> None:
         raise
     from absl import app
 
-    app.run(module.main, argv=[f"iar-jax {name}"] + argv[2:])
+    def run(args):
+        try:
+            return module.main(args)
+        except ValueError as e:  # bad input: one line naming the problem and the fix, no traceback
+            sys.exit(f"iar-jax {name}: error: {e}")
+
+    app.run(run, argv=[f"iar-jax {name}"] + argv[2:])
 
 
 if __name__ == "__main__":

@@ -225,7 +225,14 @@ def make_source(config, spec):
     if d.source == "records":
         from iar_jax.data import records
 
-        return records.open_source(d.path)
+        fingerprint = None
+        if d.get("tokenizer"):  # refuse codes extracted with another tokenizer
+            from iar_jax.data.extract import tokenizer_fingerprint
+            from iar_jax.tokenizer.checkpoint import load_tokenizer
+
+            fingerprint = tokenizer_fingerprint(load_tokenizer(d.tokenizer)[1])
+        return records.open_source(d.path, fingerprint=fingerprint, num_classes=int(config.model.num_classes),
+                                   vocab=int(config.model.vocab_size), grid=int(config.model.grid_size))
     raise ValueError(f"unknown config.data.source {d.source!r}; use synthetic, npy or records")
 
 
