@@ -206,7 +206,7 @@ def test_vocab_mismatch_error():
 
 
 def test_parse_checkpoint():
-    from iar_jax.commands.sample import parse_checkpoint
+    from iar_jax.sampling.generate import parse_checkpoint
 
     assert parse_checkpoint("latest") == (None, False)
     assert parse_checkpoint("ema") == (None, True)

@@ -63,23 +63,10 @@ def step_fns_for(family: str, module, model_cfg):
     return fn(module, model_cfg)
 
 
-def parse_checkpoint(value: str):
-    """'latest' | 'STEP' | 'ema' | 'STEP:ema' -> (step or None, ema)."""
-    v = (value or "latest").strip().lower()
-    step, _, tag = v.partition(":")
-    if step in ("ema", "latest", ""):
-        step, tag = None, (step if step == "ema" else tag)
-    else:
-        if not step.isdigit():
-            raise ValueError(f"--checkpoint={value!r} is not latest, a step number, ema or STEP:ema")
-        step = int(step)
-    if tag not in ("", "ema", "latest"):
-        raise ValueError(f"--checkpoint={value!r}: after ':' only 'ema' is allowed")
-    return step, tag == "ema"
-
-
 def load_model_params(workdir: str, checkpoint: str, expect_meta):
     from iar_jax import checkpointing
+
+    from iar_jax.sampling.generate import parse_checkpoint
 
     step, ema = parse_checkpoint(checkpoint)
     if step is None:

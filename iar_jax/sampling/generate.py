@@ -368,3 +368,18 @@ def make_decode_fn(decoder: Callable, grid_size: int, dual: bool = False, new_or
         return codes[..., 0] if order is None else order[codes[..., 0]]
 
     return lambda codes: decoder(to_codes(jnp.asarray(codes)))
+
+
+def parse_checkpoint(value: str):
+    """'latest' | 'STEP' | 'ema' | 'STEP:ema' -> (step or None, ema)."""
+    v = (value or "latest").strip().lower()
+    step, _, tag = v.partition(":")
+    if step in ("ema", "latest", ""):
+        step, tag = None, (step if step == "ema" else tag)
+    else:
+        if not step.isdigit():
+            raise ValueError(f"--checkpoint={value!r} is not latest, a step number, ema or STEP:ema")
+        step = int(step)
+    if tag not in ("", "ema", "latest"):
+        raise ValueError(f"--checkpoint={value!r}: after ':' only 'ema' is allowed")
+    return step, tag == "ema"
