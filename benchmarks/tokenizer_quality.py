@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--steps", type=int, default=0, help="training steps per variant (0: the config's)")
     ap.add_argument("--eval_images", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grid_dir", default="", help="write <variant>.png (originals | reconstructions) here")
     args = ap.parse_args()
 
     import jax
@@ -51,8 +52,17 @@ def main():
             print(f"  {v} step {step}: " + ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)
                   + f" ({time.time() - t0:.0f}s)", flush=True)
 
-        trainer, _, res = training.train_and_evaluate(config, None, images=train_images, eval_images=eval_images,
+        trainer, state, res = training.train_and_evaluate(config, None, images=train_images, eval_images=eval_images,
                                                       num_steps=args.steps or None, log_fn=log)
+        if args.grid_dir:
+            import numpy as np
+
+            from iar_jax import image_metrics
+
+            recon = training.make_reconstruct_fn(trainer.model, "dual" if trainer.model_cfg.dual else None)(
+                jax.device_get(state["params"]), eval_images[:16])[0]
+            image_metrics.save_reconstruction_grid(os.path.join(args.grid_dir, f"{v}.png"), eval_images[:16],
+                                                   np.asarray(recon))
         res = {k: round(float(x), 4) for k, x in res.items()}
         res.update(steps=int(args.steps or config.train.num_steps), batch=int(config.train.global_batch),
                    codebook=list(trainer.model_cfg.vocab_sizes), seconds=round(time.time() - t0, 1),

@@ -27,13 +27,19 @@ class Kind:
     rules: Callable[[Any], Dict[str, Rule]]
     # model_config -> nested dict of jax.ShapeDtypeStruct (the Flax params tree, no 'params' wrapper)
     abstract_params: Callable[[Any], Any]
+    # model_config -> {torch_key: value}: non-parameter buffers of the torch module (usage counters,
+    # constants). Optional on import (shape-checked, then dropped); written back on export.
+    buffers: Callable[[Any], Dict[str, np.ndarray]] = lambda cfg: {}
+    # (state_dict, model_config) -> None: a kind-specific check run first, for errors that name the fix
+    # (e.g. a dual tokenizer checkpoint given as a single one).
+    check: Optional[Callable[[Mapping[str, Any], Any], None]] = None
 
 
 KINDS: Dict[str, Kind] = {}
 
 
-def register(name: str, rules, abstract_params) -> None:
-    KINDS[name] = Kind(rules, abstract_params)
+def register(name: str, rules, abstract_params, buffers=None, check=None) -> None:
+    KINDS[name] = Kind(rules, abstract_params, buffers or (lambda cfg: {}), check)
 
 
 # Converters for these kinds live in modules that register themselves on import.
@@ -118,10 +124,13 @@ def from_torch(state_dict: Mapping[str, Any], kind: str, model_config) -> Dict[s
     """Official PyTorch state dict -> Flax params tree (numpy leaves). Strict."""
     k = _kind(kind)
     sd = unwrap_state_dict(state_dict)
+    if k.check is not None:
+        k.check(sd, model_config)
     rules = k.rules(model_config)
     abstract = dict(_flatten(k.abstract_params(model_config)))
+    buffers = k.buffers(model_config)
     missing = set(rules) - set(sd)
-    unexpected = set(sd) - set(rules)
+    unexpected = set(sd) - set(rules) - set(buffers)
     problems = []
     if missing:
         problems.append(f"missing keys: {_fmt(missing)}")
@@ -147,6 +156,9 @@ def from_torch(state_dict: Mapping[str, Any], kind: str, model_config) -> Dict[s
         else:
             full = stacked.setdefault(rule.path, np.zeros(abstract[rule.path].shape, np.float32))
             full[rule.stack_index] = value
+    for key, value in buffers.items():
+        if key in sd and tuple(_to_numpy(sd[key]).shape) != tuple(np.shape(value)):
+            bad_shapes.append(f"{key} {tuple(_to_numpy(sd[key]).shape)} (expected {tuple(np.shape(value))})")
     if bad_shapes:
         problems.append(f"mis-shaped keys: {_fmt(bad_shapes, 6)}")
     if problems:
@@ -181,6 +193,8 @@ def to_torch(params: Mapping[str, Any], kind: str, model_config, as_torch: bool 
         if rule.stack_index is not None:
             value = value[rule.stack_index]
         out[key] = np.ascontiguousarray(rule.to_torch(value))
+    for key, value in k.buffers(model_config).items():
+        out[key] = np.array(value, copy=True)
     if as_torch:
         import torch
 
