@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from iar_jax.convert.common import ConversionError, Rule, from_torch, register, unwrap_state_dict
+from iar_jax.convert.common import ConversionError, Rule, _flatten, from_torch, register, unwrap_state_dict
 
 USAGE_BUFFER_LEN = 65536  # the reference's rolling window of recent codes
 
@@ -41,14 +41,6 @@ def _torch_prefix(path) -> str:
         m = _LIST.match(p)
         parts.extend([m.group(1), m.group(2)] if m else [p])
     return ".".join(parts)
-
-
-def _flatten(tree, prefix=()):
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            yield from _flatten(v, prefix + (k,))
-    else:
-        yield prefix, tree
 
 
 def rules_for_tree(abstract) -> Dict[str, Rule]:
