@@ -2,14 +2,17 @@
 
     python benchmarks/sample_speed.py --config=configs/iar.py:b --batch=4 --cfg=2.0
     python benchmarks/sample_speed.py --config=configs/iar.py:l --batch=64,256 --dtype=bfloat16   # GPU
+    python benchmarks/sample_speed.py --config=configs/iar2.py:b --batch=4 --cfg=2.0
 
 Random weights, the config's token grid (16×16 for `b`), compute dtype from --dtype (fp32 by
-default, the CPU target). One decode step must stream every weight once (embedding tables are only
-gathered), so the floor is
+default, the CPU target). The model family (`config.model_family`) gives the sampler step and
+what one step must read (`Family.decode_bytes`): every weight once (embedding tables are only
+gathered; IAR2's head twice), so the floor is
     floor_s = steps × weight_bytes_per_step / bandwidth,
 with `bandwidth` measured here by a large streaming reduction. The KV cache is read on top of
-that (`floor_kv_s` adds the valid part of the cache, on average cls + T/2 positions; the sampler's
-fixed-size cache reads all of it). The last stdout line is JSON (one run: flat; several: "runs").
+that (`floor_kv_s` adds the valid part of the cache, e.g. cls + T/2 positions on average for IAR;
+the sampler's fixed-size cache reads all of it). The last stdout line is JSON (one run: flat;
+several: "runs"). `--cfg` is the constant guidance scale of every sub-token.
 """
 import argparse
 import os
@@ -22,11 +25,10 @@ common.add_repo_to_path()
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from iar_jax.config_lib import load_config  # noqa: E402
 from iar_jax.families import get_family  # noqa: E402
-from iar_jax.sampling import gpt_step, guidance, sampler  # noqa: E402
+from iar_jax.sampling import guidance, sampler  # noqa: E402
 from iar_jax.sampling.filtering import SamplingConfig  # noqa: E402
 
 
@@ -44,16 +46,13 @@ def measure_bandwidth(mib: int, repeats: int = 5) -> float:
     return x.size * 4 / best
 
 
-def streamed_weight_bytes(params, dtype) -> int:
-    """Bytes one decode step reads from the weights (cast to the compute dtype; tables excluded)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if "embedding" in name:  # tok_embeddings/embedding, cls_embedding/embedding_table
-            continue
-        total += int(np.prod(leaf.shape)) * itemsize
-    return total
+def randomize_zero_kernels(params, key):
+    """Output layers are zero-initialised; give them values so the draws are not uniform."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = [0.02 * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+           if str(getattr(path[-1], "key", "")) == "kernel" and not bool(jnp.any(x)) else x
+           for i, (path, x) in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def main():
@@ -70,23 +69,22 @@ def main():
     args = ap.parse_args()
 
     config = load_config(args.config, **{"model.dtype": args.dtype})
-    if config.model_family != "iar":
-        raise SystemExit("sample_speed.py measures the IAR/LlamaGen GPT; use configs/iar.py:SIZE")
-    module, mcfg = get_family("iar").build(config)
-    init = jax.jit(lambda r: nn.unbox(module.init(r, jnp.zeros((1, mcfg.num_tokens), jnp.int32),
-                                                  jnp.zeros((1,), jnp.int32)))["params"])
-    params = init(jax.random.key(0))
-    # The output head is zero-initialised; give it values so the draws are not uniform.
-    params["output"]["kernel"] = 0.02 * jax.random.normal(jax.random.key(1), params["output"]["kernel"].shape)
+    family = get_family(config.model_family)
+    if family.sampling_step is None or family.decode_bytes is None:
+        raise SystemExit(f"model family {family.name!r} has no sampling step / decode costs; use configs/iar.py "
+                         "or configs/iar2.py")
+    module, mcfg = family.build(config)
+    dummy = {k: jnp.zeros((1,) + tuple(s), d) for k, (s, d) in family.batch_spec(config).items()}
+    params = jax.jit(lambda r: nn.unbox(family.init(module, r, dummy))["params"])(jax.random.key(0))
+    params = randomize_zero_kernels(params, jax.random.key(1))
 
-    spec = sampler.SamplerSpec((sampler.SubToken(guidance.Constant(args.cfg),
-                                                 SamplingConfig(1.0, args.top_k, args.top_p)),))
-    spec.validate((mcfg.vocab_size,))
-    fn = sampler.make_sampler(gpt_step.step_fns(module, mcfg, unroll_layers=bool(args.unroll)), spec)
+    step_fns = family.sampling_step(module, mcfg, bool(args.unroll))
+    sub = sampler.SubToken(guidance.Constant(args.cfg), SamplingConfig(1.0, args.top_k, args.top_p))
+    spec = sampler.SamplerSpec((sub,) * len(step_fns.sub_tokens))
+    spec.validate(step_fns.vocab_sizes, step_fns.sub_tokens)
+    fn = sampler.make_sampler(step_fns, spec)
     bw = measure_bandwidth(args.bandwidth_mib)
-    wbytes = streamed_weight_bytes(params, args.dtype)
-    T = mcfg.num_tokens
-    itemsize = jnp.dtype(args.dtype).itemsize
+    T = step_fns.num_positions
     dev = jax.devices()[0]
     runs = []
     for B in [int(b) for b in args.batch.split(",")]:
@@ -103,8 +101,8 @@ def main():
             times.append(time.perf_counter() - t)
         seconds = min(times)
         rows = 2 * B if spec.cfg else B
-        kv_full = 2 * mcfg.n_layer * rows * mcfg.seq_len * mcfg.dim * itemsize
-        kv_avg = 2 * mcfg.n_layer * rows * (mcfg.cls_token_num + T / 2) * mcfg.dim * itemsize
+        cost = family.decode_bytes(mcfg, params, rows, args.dtype)
+        wbytes, kv_full, kv_avg = cost["weights"], cost["kv_full"], cost["kv_avg"]
         floor_s = T * wbytes / bw
         floor_kv_s = T * (wbytes + kv_avg) / bw
         print(f"{config.size}: layers={mcfg.n_layer} dim={mcfg.dim} grid={mcfg.grid_size} batch={B} rows={rows} "

@@ -2,9 +2,12 @@
 
     python benchmarks/train_step.py --config=configs/iar.py:b --batch=8 --steps=3
 
-Model FLOPs count the matmuls of forward + backward (6 · params_in_matmuls · tokens plus the
-attention score/value products), not rematerialisation. On CPU there is no published peak, so
-`mfu` is reported only for known accelerators.
+    python benchmarks/train_step.py --config=configs/iar2.py:b --batch=8 --steps=3
+
+Model FLOPs (the family's `train_flops`) count the matmuls of forward + backward (6 · matmul
+params · the tokens each part sees, plus the attention score/value products), not
+rematerialisation. On CPU there is no published peak, so `mfu` is reported only for known
+accelerators.
 """
 import argparse
 import time
@@ -18,20 +21,6 @@ import numpy as np  # noqa: E402
 
 from iar_jax import trainer as trainer_lib  # noqa: E402
 from iar_jax.config_lib import load_config  # noqa: E402
-from iar_jax.models.gpt import count_params  # noqa: E402
-
-
-def model_flops_per_step(params, config, batch: int) -> float:
-    m = config.model
-    seq = m.grid_size ** 2 + 1
-    # Embedding tables are lookups, not matmuls.
-    lookups = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
-                  if any("embedding" in str(getattr(k, "key", k)) for k in path))
-    n = count_params(params) - lookups
-    dense = 6.0 * n * batch * seq
-    head_dim = m.dim // m.n_head
-    attn = 6.0 * 2 * m.n_layer * m.n_head * seq * seq * head_dim * batch  # QK^T and PV, fwd+bwd
-    return dense + attn
 
 
 def main():
@@ -64,7 +53,7 @@ def main():
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     tokens = args.batch * config.model.grid_size ** 2
-    flops = model_flops_per_step(jax.eval_shape(lambda: state["params"]), config, args.batch)
+    flops = tr.family.train_flops(tr.model_cfg, args.batch)
     result = {
         "config": args.config, "batch": args.batch, "device": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(), "dtype": config.model.dtype,

@@ -86,7 +86,8 @@ def data_config():
     d.path = ""
     d.tokenizer = ""  # tokenizer checkpoint the codes must come from (checked by fingerprint); "" = unchecked
     d.synthetic_size = 4096
-    d.num_workers = 0
+    d.loader = "grain"  # grain | numpy: the same batches and saved positions; grain prefetches in threads
+    d.num_workers = 2  # grain read threads (0: read each batch in the training loop)
     return d
 
 

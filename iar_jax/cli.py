@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     def run(args):
         try:
             return module.main(args)
-        except ValueError as e:  # bad input: one line naming the problem and the fix, no traceback
+        except (ValueError, FloatingPointError) as e:  # bad input / non-finite loss: one line, no traceback
             sys.exit(f"iar-jax {name}: error: {e}")
 
     app.run(run, argv=[f"iar-jax {name}"] + argv[2:])

@@ -1,8 +1,10 @@
 """Model families: what the shared trainer and sampler need to know about IAR vs IAR2.
 
 `config.model_family` picks one. A family turns the config into a Flax module, describes the
-batch it trains on, computes the loss and checks host batches for out-of-range ids. The trainer
-and sampler contain no model-specific code.
+batch it trains on, computes the loss and checks host batches for out-of-range ids; for sampling
+and the benchmarks it gives its per-position sampler step and its costs (weight and KV-cache bytes
+one sampling position reads, model FLOPs of a training step). The trainer, sampler and benchmarks
+contain no model-specific code.
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ class Family:
     check_batch: Callable[[Dict[str, np.ndarray], Any], None]
     # (module, rng, batch) -> variables
     init: Callable[[Any, Any, Dict[str, Any]], Any]
+    # (module, model_cfg, unroll_layers) -> iar_jax.sampling.sampler.StepFns
+    sampling_step: Optional[Callable[[Any, Any, bool], Any]] = None
+    # (model_cfg, params, rows, dtype) -> {"weights": bytes of weights one sampling position streams,
+    # "kv_full": bytes of its fixed-size attention caches, "kv_avg": their valid part, averaged}
+    decode_bytes: Optional[Callable[[Any, Any, int, Any], Dict[str, float]]] = None
+    # (model_cfg, batch) -> model FLOPs of one training step (forward + backward matmuls, no remat)
+    train_flops: Optional[Callable[[Any, int], float]] = None
 
 
 _FAMILIES: Dict[str, Family] = {}
@@ -125,4 +134,46 @@ def _iar_init(module, rng, batch):
     return module.init(rng, batch["codes"], batch["labels"])
 
 
-IAR = register(Family("iar", _iar_build, _iar_spec, _iar_loss, _iar_check, _iar_init))
+def _iar_sampling_step(module, cfg, unroll_layers=True):
+    from iar_jax.sampling import gpt_step
+
+    return gpt_step.step_fns(module, cfg, unroll_layers=unroll_layers)
+
+
+def matmul_weight_bytes(params, dtype, repeat: Optional[Dict[str, int]] = None) -> int:
+    """Bytes of the weights in `dtype`, skipping embedding tables (gathered, not streamed); a
+    top-level part named in `repeat` counts that many times (it runs more than once per position)."""
+    itemsize, total = jnp.dtype(dtype).itemsize, 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if any("embedding" in n for n in names):  # tok_embeddings/embedding, cls_embedding/embedding_table
+            continue
+        total += int(np.prod(leaf.shape)) * itemsize * (repeat or {}).get(names[0], 1)
+    return total
+
+
+def kv_bytes(n_layer: int, rows: int, positions: float, dim: int, dtype) -> float:
+    """Bytes of keys + values of `positions` cache entries in each of `n_layer` layers."""
+    return 2.0 * n_layer * rows * positions * dim * jnp.dtype(dtype).itemsize
+
+
+def _iar_decode_bytes(cfg, params, rows, dtype):
+    # Decode step n attends to the class token(s) and n image tokens: cls + T/2 entries on average.
+    return {"weights": matmul_weight_bytes(params, dtype),
+            "kv_full": kv_bytes(cfg.n_layer, rows, cfg.seq_len, cfg.dim, dtype),
+            "kv_avg": kv_bytes(cfg.n_layer, rows, cfg.cls_token_num + cfg.num_tokens / 2, cfg.dim, dtype)}
+
+
+def _iar_train_flops(cfg, batch: int) -> float:
+    """6 · non-embedding params · tokens, plus the attention score/value products (fwd + bwd)."""
+    from iar_jax.models.gpt import abstract_params, count_params
+
+    params = abstract_params(cfg)
+    seq = cfg.num_tokens + 1
+    n = count_params(params) - count_params({k: v for k, v in params.items() if "embedding" in k})
+    attn = 6.0 * 2 * cfg.n_layer * cfg.n_head * seq * seq * cfg.head_dim * batch  # QK^T and PV
+    return 6.0 * n * batch * seq + attn
+
+
+IAR = register(Family("iar", _iar_build, _iar_spec, _iar_loss, _iar_check, _iar_init,
+                      _iar_sampling_step, _iar_decode_bytes, _iar_train_flops))

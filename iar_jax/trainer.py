@@ -268,8 +268,10 @@ class _Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
-def train_and_evaluate(config, workdir: str, source=None, devices=None, num_steps: Optional[int] = None):
-    """Trains (resuming from `workdir`) until config.train.num_steps; returns (trainer, state)."""
+def train_and_evaluate(config, workdir: str, source=None, devices=None, num_steps: Optional[int] = None,
+                       log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None):
+    """Trains (resuming from `workdir`) until config.train.num_steps; returns (trainer, state).
+    `log_fn(step, mean_metrics)` is also called at every log interval (e.g. a progress bar)."""
     from clu import metric_writers, parameter_overview, periodic_actions
 
     trainer = Trainer(config, devices)
@@ -308,6 +310,8 @@ def train_and_evaluate(config, workdir: str, source=None, devices=None, num_step
                     f"saving it (last good checkpoint: {where}); lower optim.lr or check the data")
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         writer.write_scalars(pending[-1][0], mean)
+        if log_fn is not None:
+            log_fn(pending[-1][0], mean)
         pending.clear()
 
     def save(step, force=False):
@@ -341,10 +345,16 @@ def train_and_evaluate(config, workdir: str, source=None, devices=None, num_step
 
 
 def _data_iterator(config, source):
-    from iar_jax.data.codes import BatchIterator
+    from iar_jax.data import codes
 
-    return BatchIterator(source, int(config.train.global_batch), int(config.train.seed),
-                         jax.process_index(), jax.process_count())
+    d = config.data
+    args = (source, int(config.train.global_batch), int(config.train.seed), jax.process_index(), jax.process_count())
+    loader = d.get("loader", "grain")
+    if loader == "grain":
+        return codes.GrainBatchIterator(*args, num_threads=int(d.get("num_workers", 0)))
+    if loader == "numpy":
+        return codes.BatchIterator(*args)
+    raise ValueError(f"unknown config.data.loader {loader!r}; use grain or numpy (both give the same batches)")
 
 
 def _flatten_cfg(config, prefix=""):

@@ -3,6 +3,11 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Commands enable a persistent compile cache; keep tests hermetic (fresh per session, shared by the
+# subprocess tests, never the user's ~/.cache).
+import tempfile  # noqa: E402
+
+os.environ.setdefault("IAR_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="iar_jax_xla_"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -1,5 +1,6 @@
 """Code extraction (resumable after a real kill, multi-host shards, both record formats, errors),
 the records reader, and the training input over it (deterministic, resumable, per-host)."""
+import functools
 import json
 import os
 import signal
@@ -142,8 +143,11 @@ def record_dir(tmp_path_factory):
     return out
 
 
-def test_loader_deterministic_and_resumable(record_dir):
-    from iar_jax.data.codes import BatchIterator
+@pytest.mark.parametrize("loader", ["numpy", "grain"])
+def test_loader_deterministic_and_resumable(record_dir, loader):
+    from iar_jax.data import codes
+
+    make = codes.BatchIterator if loader == "numpy" else functools.partial(codes.GrainBatchIterator, num_threads=2)
 
     src = records.open_source(record_dir)
     all_codes = src.get(np.arange(30))["codes"]  # [30, 10, T]
@@ -151,11 +155,11 @@ def test_loader_deterministic_and_resumable(record_dir):
     def take(it, k):
         return [next(it) for _ in range(k)]
 
-    run = take(BatchIterator(src, 6, seed=3), 12)  # 2.4 epochs
-    again = take(BatchIterator(src, 6, seed=3), 12)
+    run = take(make(src, 6, seed=3), 12)  # 2.4 epochs
+    again = take(make(src, 6, seed=3), 12)
     for a, b in zip(run, again):
         np.testing.assert_array_equal(a["codes"], b["codes"])
-    other = take(BatchIterator(src, 6, seed=4), 5)
+    other = take(make(src, 6, seed=4), 5)
     assert any(not np.array_equal(a["codes"], b["codes"]) for a, b in zip(run, other))
     # Each epoch (5 batches of 6) shows every image once, as one of its 10 views.
     for e in range(2):
@@ -165,14 +169,14 @@ def test_loader_deterministic_and_resumable(record_dir):
         assert sorted(set(np.concatenate(matches))) == list(range(30))
         assert np.array_equal(np.sort(labels), np.sort(src.get(np.arange(30))["labels"]))
     # Resume mid-epoch from the saved position.
-    it = BatchIterator(src, 6, seed=3)
+    it = make(src, 6, seed=3)
     take(it, 7)
     state = json.loads(json.dumps(it.state()))
-    resumed = BatchIterator(src, 6, seed=3)
+    resumed = make(src, 6, seed=3)
     resumed.restore(state)
     for a, b in zip(take(resumed, 5), run[7:12]):
         np.testing.assert_array_equal(a["codes"], b["codes"])
     # Two hosts each read half of every global batch.
-    h0, h1 = BatchIterator(src, 6, 3, 0, 2), BatchIterator(src, 6, 3, 1, 2)
+    h0, h1 = make(src, 6, 3, 0, 2), make(src, 6, 3, 1, 2)
     for b in run[:4]:
         np.testing.assert_array_equal(np.concatenate([next(h0)["codes"], next(h1)["codes"]]), b["codes"])

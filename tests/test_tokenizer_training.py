@@ -145,6 +145,24 @@ def test_resume_matches_uninterrupted_run(tmp_path, schedule_run):
         load_tokenizer(wd, VQConfig(**{**cfg.__dict__, "dual": False}))
 
 
+def test_sigterm_saves_and_resumes(tmp_path, schedule_run):
+    import signal
+
+    c = _config()
+    c.train.log_every = 1
+    wd = str(tmp_path / "pre")
+
+    def preempt_at_3(step, _):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _, state, res = train_and_evaluate(c, wd, images=IMAGES, num_steps=6, devices=DEVICES, log_fn=preempt_at_3)
+    assert int(state["step"]) == 3 and res == {}
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints")))[-1] == "3"  # off the ckpt_every=2 grid
+    _, state, _ = train_and_evaluate(c, wd, images=IMAGES, num_steps=4, devices=DEVICES)
+    assert int(state["step"]) == 4
+
+
 def test_nan_guard_and_config_errors(tmp_path, schedule_run):
     bad = IMAGES.copy()
     bad[:] = np.nan

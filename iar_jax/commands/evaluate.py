@@ -116,18 +116,11 @@ def _small_cnn_images(ref: str, limit: int = 0):
 
 def evaluate_small_cnn(samples: str, ref: str, weights: str | None = None, num_samples: int = 0,
                        pr_k: int = 3, kid: bool = False) -> dict[str, Any]:
-    from iar_jax.evaluation import metrics, small_cnn
+    from iar_jax.evaluation import small_cnn
 
-    params = small_cnn.load_params(weights)
     xs, ys = _small_cnn_images(samples, num_samples)
     xr, _ = _small_cnn_images(ref)
-    fs, fr = small_cnn.predict(params, xs), small_cnn.predict(params, xr)
-    report: dict[str, Any] = {"fid": metrics.fid_from_features(fs["features"], fr["features"])}
-    report["precision"], report["recall"] = metrics.precision_recall(fr["features"], fs["features"], k=pr_k)
-    if kid:
-        report["kid"], report["kid_std"] = metrics.kernel_inception_distance(fs["features"], fr["features"])
-    report["class_accuracy"] = (float((fs["logits"].argmax(-1) == ys.reshape(-1)).mean())
-                                if ys is not None else None)
+    report = small_cnn.score_samples(xs, ys, xr, small_cnn.load_params(weights), pr_k=pr_k, kid=kid)
     if ys is None:
         report["notes"] = {"class_accuracy": "samples have no arr_1 labels"}
     report.update(num_samples=len(xs), num_ref_images=len(xr), weights=weights or small_cnn.WEIGHTS_FILE)

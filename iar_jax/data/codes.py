@@ -5,10 +5,16 @@ is a fresh seeded permutation of the N examples; process h of P reads rows [h·G
 it. The stream depends only on (seed, N, G), so a run resumed from `state()` — or run on another
 number of hosts — sees exactly the same batches. Sources with several augmented views per image
 (`codes` of shape [N, A, T]) get one seeded view per image per epoch.
+
+Two readers of that stream give identical batches and interchangeable `state()`s:
+`GrainBatchIterator` (the trainer's default, `config.data.loader="grain"`) makes step s element s
+of a `grain.MapDataset`, so grain's read threads prefetch whole host batches; `BatchIterator`
+(`"numpy"`) reads them in the calling thread.
 """
 from __future__ import annotations
 
 import os
+import threading
 from typing import Dict, Mapping, Optional
 
 import numpy as np
@@ -83,17 +89,19 @@ class BatchIterator:
         self.offset = process_index * self.local
         self.step = step
         self._perm_cache: Dict[int, tuple] = {}
+        self._lock = threading.Lock()
 
     def _epoch(self, e: int):
-        if e not in self._perm_cache:
-            if len(self._perm_cache) > 2:
-                self._perm_cache.pop(min(self._perm_cache))
-            n = len(self.source)
-            rng = np.random.default_rng([self.seed, e])
-            perm = rng.permutation(n)
-            aug = rng.integers(0, self.source.num_aug, size=n) if self.source.num_aug > 1 else None
-            self._perm_cache[e] = (perm, aug)
-        return self._perm_cache[e]
+        with self._lock:  # grain's read threads build batches concurrently
+            if e not in self._perm_cache:
+                if len(self._perm_cache) > 2:
+                    self._perm_cache.pop(min(self._perm_cache))
+                n = len(self.source)
+                rng = np.random.default_rng([self.seed, e])
+                perm = rng.permutation(n)
+                aug = rng.integers(0, self.source.num_aug, size=n) if self.source.num_aug > 1 else None
+                self._perm_cache[e] = (perm, aug)
+            return self._perm_cache[e]
 
     def indices(self, step: int):
         n = len(self.source)
@@ -112,14 +120,22 @@ class BatchIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> Dict[str, np.ndarray]:
-        idx, aug = self.indices(self.step)
+    def batch(self, step: int) -> Dict[str, np.ndarray]:
+        """This host's rows of global batch `step` (a pure function of the step)."""
+        idx, aug = self.indices(step)
         order = np.argsort(idx, kind="stable")  # sorted reads are friendlier to mmap/record files
         batch = self.source.get(idx[order], None if aug is None else aug[order])
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))
-        self.step += 1
         return {k: np.ascontiguousarray(v[inv]) for k, v in batch.items()}
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+    def seek(self, step: int) -> None:
+        self.step = step
 
     def state(self) -> Dict[str, int]:
         return {"step": int(self.step), "seed": int(self.seed), "global_batch": int(self.global_batch),
@@ -131,4 +147,31 @@ class BatchIterator:
             if k in state and int(state[k]) != mine[k]:
                 raise ValueError(f"saved data position has {k}={state[k]} but this run has {k}={mine[k]}; "
                                  "resume with the same data and config, or use a fresh --workdir")
-        self.step = int(state["step"])
+        self.seek(int(state["step"]))
+
+
+class GrainBatchIterator(BatchIterator):
+    """`BatchIterator`'s stream read through grain: `grain.MapDataset` element s is this host's
+    batch of step s, and `num_threads` > 0 read threads prefetch up to `prefetch` batches ahead
+    (0: read on demand in the calling thread). The position is the number of batches handed out,
+    not read ahead, so `state()` / `restore()` are exactly BatchIterator's."""
+
+    _MAX_STEPS = 2 ** 62  # the stream is endless; grain datasets need a length
+
+    def __init__(self, source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
+                 step: int = 0, num_threads: int = 0, prefetch: int = 4):
+        import grain
+
+        super().__init__(source, global_batch, seed, process_index, process_count)
+        self._dataset = grain.MapDataset.range(0, self._MAX_STEPS).map(self.batch)
+        self._options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch if num_threads else 0)
+        self.seek(step)
+
+    def seek(self, step: int) -> None:
+        self.step = step
+        self._iter = iter(self._dataset[step:].to_iter_dataset(self._options))
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        out = next(self._iter)
+        self.step += 1
+        return out

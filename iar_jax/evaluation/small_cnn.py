@@ -165,6 +165,23 @@ def accuracy(params, images: np.ndarray, labels: np.ndarray) -> float:
     return float((predict(params, images)["logits"].argmax(-1) == labels).mean())
 
 
+def score_samples(images: np.ndarray, labels, ref_images: np.ndarray, params=None, pr_k: int = 3,
+                  kid: bool = False) -> dict[str, Any]:
+    """FID of the classifier's features, precision / recall (k = pr_k), optional KID, of uint8 samples
+    against reference images, and the class accuracy of the samples (None without labels)."""
+    from iar_jax.evaluation import metrics
+
+    params = load_params() if params is None else params
+    fs, fr = predict(params, images), predict(params, ref_images)
+    report: dict[str, Any] = {"fid": metrics.fid_from_features(fs["features"], fr["features"])}
+    report["precision"], report["recall"] = metrics.precision_recall(fr["features"], fs["features"], k=pr_k)
+    if kid:
+        report["kid"], report["kid_std"] = metrics.kernel_inception_distance(fs["features"], fr["features"])
+    report["class_accuracy"] = (float((fs["logits"].argmax(-1) == np.asarray(labels).reshape(-1)).mean())
+                                if labels is not None else None)
+    return report
+
+
 def save_params(params: Mapping[str, Any], path: str) -> None:
     flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v, np.float32)
             for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -8,8 +8,10 @@ Three entry points share one set of blocks:
   * `__call__(codes, labels, train)`: teacher-forced training forward, logits [B, T, V] (fp32);
   * `prefill(labels, cache)`: class token(s) into a fresh fixed-size KV cache;
   * `decode(tokens, pos, cache)`: one image token at sequence position `pos`.
-The KV cache is an explicit pytree {'k', 'v'} of shape [n_layer, B, S, H, Dh], so a `lax.scan`
-sampler can carry it and XLA updates it in place.
+The KV cache is an explicit pytree {'k', 'v'}, head-major: stacked [n_layer, B, H, S, Dh] arrays
+when the layers are nn.scan-ned, else tuples of n_layer [B, H, S, Dh] arrays (one buffer per layer,
+so a decode step slices nothing). A `lax.scan` sampler carries it; each step writes its position
+in place (`_write_kv`) after the attention has read the old entries.
 """
 from __future__ import annotations
 
@@ -157,8 +159,10 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, rope, *, train: bool, cache_kv=None, start=None):
         """x [B, L, D]. Without a cache: causal self-attention over x. With `cache_kv=(k, v)`
-        ([B, S, H, Dh] each) the new keys/values are written at `start` and queries attend to all
-        cached positions ≤ their own. Returns (out, new (k, v) or None, attention to key 0 [B])."""
+        ([B, H, S, Dh] each, READ ONLY) the queries at positions start .. start+L-1 attend to the
+        cached positions < start and causally to the L new keys. Returns (out, the new (k, v)
+        [B, H, L, Dh] for the caller to write at `start` (None without a cache), attention of the
+        last query to key 0 — the class token — averaged over heads [B])."""
         cfg = self.cfg
         dt = cfg.compute_dtype
         qkv = _dense((3, cfg.n_head, cfg.head_dim), ("embed", None, "heads", "kv"), "wqkv", dt)(x)
@@ -169,29 +173,38 @@ class Attention(nn.Module):
         k = _constrain(k, ("batch", "length", "heads", "kv"))
         v = _constrain(v, ("batch", "length", "heads", "kv"))
         L = x.shape[1]
+        neg = jnp.finfo(jnp.float32).min
         if cache_kv is None:
-            keys, values = k, v
-            q_pos = jnp.arange(L)
-            new_cache = None
+            mask = jnp.arange(L)[None, :] <= jnp.arange(L)[:, None]  # [L, L]
+            scores = jnp.einsum("blhd,bshd->bhls", q, k).astype(jnp.float32)
+            scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
+            scores = jnp.where(mask[None, None], scores, neg)
+            probs = jax.nn.softmax(scores, axis=-1)  # fp32 softmax
+            attn0 = jnp.mean(probs[:, :, -1, 0], axis=1)  # last query -> class key, head-mean
+            if cfg.attn_dropout > 0:
+                probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=not train)
+            out = jnp.einsum("bhls,bshd->blhd", probs.astype(dt), v)
+            new_kv = None
         else:
             ck, cv = cache_kv
-            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
-            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
-            new_cache = (keys, values)
-            q_pos = start + jnp.arange(L)
-        k_pos = jnp.arange(keys.shape[1])
-        mask = k_pos[None, :] <= q_pos[:, None]  # [L, S]
-        scores = jnp.einsum("blhd,bshd->bhls", q, keys.astype(dt)).astype(jnp.float32)
-        scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
-        scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)  # fp32 softmax
-        attn0 = jnp.mean(probs[:, :, -1, 0], axis=1)  # last query -> class key, head-mean
-        if cfg.attn_dropout > 0:
-            probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=not train)
-        out = jnp.einsum("bhls,bshd->blhd", probs.astype(dt), values.astype(dt))
+            S = ck.shape[2]
+            # Head-major operands: the products read the cache in its own layout (no transposed copy).
+            qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, L, Dh]
+            inv = np.float32(1.0 / np.sqrt(cfg.head_dim))
+            s_old = jnp.einsum("bhld,bhsd->bhls", qh, ck.astype(dt)).astype(jnp.float32) * inv
+            s_old = jnp.where((jnp.arange(S) < start)[None, None, None, :], s_old, neg)
+            s_new = jnp.einsum("bhld,bhmd->bhlm", qh, kh).astype(jnp.float32) * inv
+            s_new = jnp.where((jnp.arange(L)[None, :] <= jnp.arange(L)[:, None])[None, None], s_new, neg)
+            probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)  # fp32 softmax
+            p_old, p_new = probs[..., :S], probs[..., S:]
+            # Key 0 (the class token) is in the cache once start > 0, else the first new key.
+            attn0 = jnp.mean(jnp.where(start > 0, p_old[:, :, -1, 0], p_new[:, :, -1, 0]), axis=1)
+            out = (jnp.einsum("bhls,bhsd->blhd", p_old.astype(dt), cv.astype(dt))
+                   + jnp.einsum("bhlm,bhmd->blhd", p_new.astype(dt), vh))
+            new_kv = (kh, vh)
         out = _dense(cfg.dim, ("heads", "kv", "embed"), "wo", dt, in_axis=(-2, -1))(out)
         out = nn.Dropout(cfg.resid_dropout)(out, deterministic=not train)
-        return out, new_cache, attn0
+        return out, new_kv, attn0
 
 
 class FeedForward(nn.Module):
@@ -245,7 +258,8 @@ def _remat(block_cls, policy: str):
 
 
 class _ScanBody(nn.Module):
-    """One layer applied inside nn.scan; the stacked cache rides in the carry and is updated in place."""
+    """One layer applied inside nn.scan. The stacked cache rides in the carry READ ONLY; the layer's
+    new keys/values come out as scan outputs and the stack writes them all after the loop."""
 
     cfg: GPTConfig
     train: bool
@@ -258,11 +272,9 @@ class _ScanBody(nn.Module):
         rate = drop_path_rate(self.cfg, layer, self.n_layer)
         if cache is None:
             x, _, attn0 = block(x, rope, None, None, rate)
-        else:
-            kv = (cache["k"][layer], cache["v"][layer])
-            x, (k, v), attn0 = block(x, rope, kv, start, rate)
-            cache = {"k": cache["k"].at[layer].set(k), "v": cache["v"].at[layer].set(v)}
-        return (x, rope, cache, start, layer + 1), attn0
+            return (x, rope, cache, start, layer + 1), (attn0, None)
+        x, new_kv, attn0 = block(x, rope, (cache["k"][layer], cache["v"][layer]), start, rate)
+        return (x, rope, cache, start, layer + 1), (attn0, new_kv)
 
 
 class TransformerStack(nn.Module):
@@ -285,30 +297,53 @@ class TransformerStack(nn.Module):
                 length=n,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, train, n, name="layers")
-            (x, _, cache, _, _), attn0 = scanned((x, rope, cache, jnp.asarray(start, jnp.int32), jnp.int32(0)), None)
+            start = jnp.asarray(start, jnp.int32)
+            (x, _, _, _, _), (attn0, new_kv) = scanned((x, rope, cache, start, jnp.int32(0)), None)
             attn0 = attn0[-1]
+            if cache is not None:
+                cache = {"k": _write_kv(cache["k"], new_kv[0], start, x, axis=3),
+                         "v": _write_kv(cache["v"], new_kv[1], start, x, axis=3)}
         else:
             block_cls = _remat(TransformerBlock, cfg.remat)
             drop_rate_i = lambda i: drop_path_rate(cfg, i, n)  # noqa: E731
-            new_k, new_v = [], []
+            ks, vs = (list(cache["k"]), list(cache["v"])) if cache is not None else (None, None)
             for i in range(n):
-                kv = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, kv, attn0 = block_cls(cfg, train, name=f"layers_{i}")(x, rope, kv, start, drop_rate_i(i))
+                kv = None if cache is None else (ks[i], vs[i])
+                x, new_kv, attn0 = block_cls(cfg, train, name=f"layers_{i}")(x, rope, kv, start, drop_rate_i(i))
                 if cache is not None:
-                    new_k.append(kv[0])
-                    new_v.append(kv[1])
+                    ks[i] = _write_kv(ks[i], new_kv[0], start, x, axis=2)
+                    vs[i] = _write_kv(vs[i], new_kv[1], start, x, axis=2)
             if cache is not None:
-                cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+                cache = {"k": tuple(ks), "v": tuple(vs)}
         if self.final_norm:
             x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="norm")(x)
         return x, cache, attn0
 
 
+def _write_kv(buf: Array, new: Array, start, after: Array, axis: int) -> Array:
+    """Writes `new` into `buf` at position `start` along the sequence `axis`, in place.
+
+    `after` (an activation computed from every read of `buf`) is folded in as `+ 0·sum(after)`: the
+    write then depends on the reads, so XLA updates the buffer in place instead of copying the
+    whole cache to keep its old value alive (0·x is not folded for floats; an
+    optimization_barrier does not create this dependency).
+    """
+    zero = jnp.sum(after[..., :1].astype(jnp.float32)) * 0.0
+    idx = [0] * buf.ndim
+    idx[axis] = start
+    return jax.lax.dynamic_update_slice(buf, (new + zero.astype(new.dtype)).astype(buf.dtype), tuple(idx))
+
+
 def init_cache(cfg: GPTConfig, batch: int, max_len: Optional[int] = None, dtype=None, n_layer=None) -> Cache:
-    """Zeroed fixed-size KV cache {'k', 'v'}: [n_layer, batch, max_len, n_head, head_dim]."""
-    shape = (n_layer or cfg.n_layer, batch, max_len or cfg.seq_len, cfg.n_head, cfg.head_dim)
+    """Zeroed fixed-size KV cache {'k', 'v'}, head-major: [n_layer, batch, n_head, max_len, head_dim]
+    arrays for nn.scan-ned layers, else tuples of n_layer [batch, n_head, max_len, head_dim] arrays."""
+    n = n_layer or cfg.n_layer
+    shape = (batch, cfg.n_head, max_len or cfg.seq_len, cfg.head_dim)
     dtype = dtype or cfg.compute_dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if cfg.scan_layers:
+        return {"k": jnp.zeros((n,) + shape, dtype), "v": jnp.zeros((n,) + shape, dtype)}
+    return {"k": tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+            "v": tuple(jnp.zeros(shape, dtype) for _ in range(n))}
 
 
 class LabelEmbedder(nn.Module):

@@ -218,18 +218,6 @@ def iar2_loss(sem_logits, det_logits, codes, detail_codes, semantic_weight: floa
 # Sampling step for the shared sampler (iar_jax.sampling.sampler protocol)
 
 SUB_TOKENS = ("semantic", "detail")
-CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
-
-
-def _unstack(params, part: str, n: int):
-    """nn.scan layout part/layers/block/... [n, ...] -> part/layers_i/... (scan_layers=False names)."""
-    if "layers" not in params.get(part, {}):
-        return params
-    sub = dict(params[part])
-    block = sub.pop("layers")["block"]
-    for i in range(n):
-        sub[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], block)
-    return dict(params, **{part: sub})
 
 
 def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True):
@@ -242,7 +230,7 @@ def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True)
     x = fusion(E_s(k_n), E_d(j_n)). Both schedules see the same a_n, as in the reference.
     `prepare` casts weights to the compute dtype and (unroll_layers) unstacks the scanned layers,
     like `iar_jax.sampling.gpt_step`: takes the train-layout params either way."""
-    from iar_jax.sampling.gpt_step import cast_params
+    from iar_jax.sampling.gpt_step import cast_params, constrain_cache, unstack_layers
     from iar_jax.sampling.sampler import StepFns
 
     if unroll_layers and cfg.scan_layers:
@@ -252,13 +240,13 @@ def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True)
     def prepare(params):
         params = nn.unbox(params)
         if unroll_layers:
-            params = _unstack(_unstack(params, "trunk", cfg.n_layer), "head", cfg.head_layers)
+            params = unstack_layers(unstack_layers(params, cfg.n_layer, "trunk"), cfg.head_layers, "head")
         return cast_params(params, cfg.compute_dtype)
 
     def init_state(params, rows):
         x = module.apply({"params": params}, rows, method=IAR2.embed_class)
         cache = init_cache(cfg.gpt, rows.shape[0], cfg.num_tokens, cfg.compute_dtype)
-        cache = {k: nn.with_logical_constraint(v, CACHE_AXES) for k, v in cache.items()}
+        cache = constrain_cache(cache)
         buffer = jnp.zeros((rows.shape[0], cfg.num_tokens, cfg.dim // 12), cfg.compute_dtype)
         return {"x": x, "cache": cache, "buffer": buffer}
 
@@ -279,17 +267,31 @@ def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True)
                    prepare=prepare)
 
 
-def decode_weight_bytes(params) -> int:
-    """Weight bytes one sampling position streams: every matrix once except the gathered embedding
-    tables, plus the head blocks a second time (the head runs twice: semantic, then detail)."""
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+def decode_bytes(cfg: IAR2Config, params, rows: int, dtype):
+    """What one sampling position reads (`families.Family.decode_bytes`): every matrix once except
+    the gathered embedding tables, the head blocks twice (semantic, then detail pass); the trunk
+    cache (step n attends to n + 1 entries: (T + 1) / 2 on average) and the 3-entry head cache.
+    The window's 12 compressed slots are negligible."""
+    T = cfg.num_tokens
+    head = families.kv_bytes(cfg.head_layers, rows, HEAD_LEN, cfg.dim, dtype)
+    return {"weights": families.matmul_weight_bytes(params, dtype, repeat={"head": 2}),
+            "kv_full": families.kv_bytes(cfg.n_layer, rows, T, cfg.dim, dtype) + head,
+            "kv_avg": families.kv_bytes(cfg.n_layer, rows, (T + 1) / 2, cfg.dim, dtype) + head}
+
+
+def train_flops(cfg: IAR2Config, batch: int) -> float:
+    """6 · matmul weights · tokens per part, plus attention products (fwd + bwd). Tokens per
+    example: fusion T − 1 (the last position feeds nothing), trunk / window / output MLPs T, head
+    3T ([h_ctx, h_t, E_s(k_t)] per position)."""
+    T = cfg.num_tokens
+    tokens = {"fusion": T - 1, "trunk": T, "local_context": T, "head": HEAD_LEN * T, "sem_output": T, "det_output": T}
+    dense = 0.0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg)):
         names = [str(getattr(k, "key", k)) for k in path]
-        if names[-1] in ("embedding", "embedding_table"):
-            continue
-        n = leaf.size * jnp.dtype(leaf.dtype).itemsize
-        total += 2 * n if names[0] == "head" else n
-    return total
+        if names[-1] == "kernel":
+            dense += 6.0 * int(np.prod(leaf.shape)) * tokens[names[0]] * batch
+    attn = 6.0 * 2 * cfg.dim * batch * (cfg.n_layer * T * T + cfg.head_layers * T * HEAD_LEN ** 2)  # QK^T and PV
+    return dense + attn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,4 +353,5 @@ def abstract_params(cfg: IAR2Config):
     return nn.unbox(shapes)["params"]
 
 
-IAR2_FAMILY = families.register(families.Family("iar2", _build, _spec, _make_loss, check_batch, _init))
+IAR2_FAMILY = families.register(families.Family("iar2", _build, _spec, _make_loss, check_batch, _init,
+                                                sampling_step_fns, decode_bytes, train_flops))

@@ -383,3 +383,97 @@ def parse_checkpoint(value: str):
     if tag not in ("", "ema", "latest"):
         raise ValueError(f"--checkpoint={value!r}: after ':' only 'ema' is allowed")
     return step, tag == "ema"
+
+
+# ----------------------------------------------------------------------------------------------
+# A trained model in, samples out (`iar-jax sample`, the demo)
+
+
+def step_fns_for(family: str, module, model_cfg):
+    """The family's sampling step (see iar_jax.sampling.sampler.StepFns)."""
+    from iar_jax.families import get_family
+
+    fam = get_family(family)
+    if fam.sampling_step is None:
+        raise ValueError(f"model family {family!r} has no sampler step; use an IAR or IAR2 config")
+    return fam.sampling_step(module, model_cfg, True)
+
+
+def load_model_params(workdir: str, checkpoint: str, expect_meta):
+    """(params, meta) of a train workdir or `iar-jax convert` output; `checkpoint` as parse_checkpoint."""
+    from iar_jax import checkpointing
+
+    step, ema = parse_checkpoint(checkpoint)
+    if step is None:
+        params, meta = checkpointing.load_params(workdir, expect_meta, ema=ema)
+        return params, meta
+    import orbax.checkpoint as ocp
+
+    ck_dir = os.path.join(workdir, "checkpoints") if os.path.isdir(os.path.join(workdir, "checkpoints")) else workdir
+    ck = checkpointing.Checkpointer(ck_dir, async_save=False)
+    if step not in ck.all_steps():
+        raise ValueError(f"no checkpoint for step {step} in {ck_dir}; available: {ck.all_steps()}")
+    meta = ck.read_meta(step)
+    checkpointing.check_kind(meta, expect_meta, os.path.join(ck_dir, str(step)))
+    state = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    key = "ema_params" if ema else "params"
+    if key not in state:
+        raise ValueError(f"checkpoint {ck_dir}/{step} has no {key}; train with --config.train.ema_decay>0 or drop :ema")
+    return state[key], dict(meta, step=step)
+
+
+def sample_from_workdir(config, workdir: str, tokenizer: str, out_dir: str, labels: np.ndarray, *,
+                        checkpoint: str = "latest", mapping_file: Optional[str] = None, guidance: str = "constant",
+                        cfg_scale="2.0", cfg_start=None, cfg_end=None, w_attn=None, cfg_tokens=None,
+                        temperature="1.0", top_k="0", top_p="1.0", global_batch: int = 0, seed: int = 0,
+                        resize: int = 0, grid: int = 64, settings: Optional[Dict[str, Any]] = None,
+                        progress: bool = True) -> Dict[str, Any]:
+    """Samples one image per label from the model in `workdir` into `out_dir` (see `generate`).
+
+    Sampling settings take one value or one per sub-token, as the `iar-jax sample` flags.
+    `mapping_file` None means config.loss.mapping_file ('' = none): IAR ids are mapped back to the
+    original codebook before decoding. `global_batch` 0 = 32 per device.
+    """
+    from iar_jax import sharding
+    from iar_jax.families import get_family, load_mapping
+    from iar_jax.tokenizer.checkpoint import load_tokenizer
+    from iar_jax.trainer import structural_model_meta
+
+    family = get_family(config.model_family)
+    module, model_cfg = family.build(config)
+    step_fns = step_fns_for(config.model_family, module, model_cfg)
+    spec = make_spec(step_fns.sub_tokens, guidance, cfg_scale, cfg_start, cfg_end, w_attn, cfg_tokens, temperature,
+                     top_k, top_p)
+    spec.validate(step_fns.vocab_sizes or None, step_fns.sub_tokens)
+    num_classes = int(config.model.num_classes)
+
+    vq_cfg, vq_params = load_tokenizer(tokenizer)
+    model_vocab = (config.model.vocab_size,) + ((config.model.detail_vocab_size,) if vq_cfg.dual and
+                                                "detail_vocab_size" in config.model else ())
+    check_vocab(model_vocab, vq_cfg.vocab_sizes)
+    if mapping_file is None:
+        mapping_file = config.get("loss", {}).get("mapping_file", "")
+    new_order = None
+    if mapping_file and not vq_cfg.dual:
+        new_order = np.argsort(load_mapping(mapping_file, int(config.model.vocab_size)))
+
+    expect = {"model_family": config.model_family, "model": structural_model_meta(config)}
+    params, meta = load_model_params(workdir, checkpoint, expect)
+    logging.info("model params from %s (%s)", workdir, {k: meta.get(k) for k in ("kind", "step", "source")})
+
+    mesh = sharding.make_mesh(config.mesh)
+    dummy = {k: jnp.zeros((1,) + tuple(s), d) for k, (s, d) in family.batch_spec(config).items()}
+    # Logical names only (no mesh context: shapes are traced, nothing is placed yet).
+    boxed = jax.eval_shape(lambda r: family.init(module, r, dummy), jax.random.PRNGKey(0))["params"]
+    param_shardings = sharding.logical_shardings(boxed, mesh, config.mesh)
+    params = jax.device_put(params, param_shardings)
+
+    global_batch = global_batch or 32 * jax.device_count()
+    sample_fn = make_sharded_sampler(step_fns, spec, mesh, param_shardings)
+    decode_fn = make_decode_fn(vq_decoder(vq_cfg, jax.device_put(vq_params)), int(config.model.grid_size),
+                               vq_cfg.dual, new_order)
+    run_settings = {"checkpoint": checkpoint, "step": meta.get("step"), "spec": repr(spec),
+                    "tokenizer": os.path.abspath(tokenizer), **(settings or {})}
+    return generate(sample_fn, params, labels, out_dir, global_batch=global_batch, mesh=mesh, decode_fn=decode_fn,
+                    num_classes=num_classes, seed=seed, resize=resize, grid=grid, settings=run_settings,
+                    progress=progress)

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from iar_jax.tokenizer import discriminator as disc_lib
+from iar_jax.trainer import NonFiniteLossError, _Preemption
 from iar_jax.tokenizer.quantizer import DualQuantizer, codebook_usage
 from iar_jax.tokenizer.vq_model import VQConfig, VQModel, build_model, check_images
 
@@ -562,7 +563,7 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
         for s, row in rows:
             if not np.isfinite(row["loss"]):
                 where = f"step {last_saved}" if last_saved is not None else "none saved yet"
-                raise FloatingPointError(
+                raise NonFiniteLossError(
                     f"non-finite tokenizer loss ({row['loss']}) at step {s}; stopped without saving it (last good "
                     f"checkpoint: {where}); lower optim.lr or check the data")
         mean = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[0][1]}
@@ -575,26 +576,34 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
         elif writer is None:
             logging.info("step %d: %s", step, {k: round(v, 5) for k, v in mean.items()})
 
-    def save(step):
+    def save(step, force=False):
         nonlocal last_saved
         flush(step)
         if ckpt is not None:
-            ckpt.save(step, state, {"step": int(step)}, meta)
+            ckpt.save(step, state, {"step": int(step)}, meta, force=force)
             last_saved = step
 
     step = start
-    while step < total:
-        if trainer.model_cfg.dual and step == trainer.recipe.stage1_steps and step > 0:
-            state = trainer.reset_for_stage2(state)  # fresh optimizers for stage 2, like the reference
-        state, metrics = trainer.train_step(state, global_batch(step), jax.random.fold_in(rng, step))
-        step += 1
-        pending.append((step, metrics))
-        if step % log_every == 0 or step == total:
-            flush(step)
-        if ckpt is not None and (step % ckpt_every == 0 or step == total):
-            save(step)
-    if ckpt is not None:
-        ckpt.close()
+    try:
+        with _Preemption() as preempt:
+            while step < total:
+                if trainer.model_cfg.dual and step == trainer.recipe.stage1_steps and step > 0:
+                    state = trainer.reset_for_stage2(state)  # fresh optimizers for stage 2, like the reference
+                state, metrics = trainer.train_step(state, global_batch(step), jax.random.fold_in(rng, step))
+                step += 1
+                pending.append((step, metrics))
+                if step % log_every == 0 or step == total:
+                    flush(step)
+                if ckpt is not None and (step % ckpt_every == 0 or step == total):
+                    save(step)
+                if preempt.any_host():
+                    if ckpt is not None and last_saved != step:
+                        save(step, force=True)
+                    logging.warning("stopped at step %d on SIGTERM; re-run the same command to resume", step)
+                    return trainer, state, {}
+    finally:  # also on errors: let the last good (async) save land
+        if ckpt is not None:
+            ckpt.close()
 
     results = {}
     if eval_images is not None and len(eval_images):
