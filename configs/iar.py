@@ -91,21 +91,23 @@ def data_config():
     return d
 
 
-def get_config(arg=None):
+def base_config(family: str, arg, sizes, vocab, grid):
+    """(config, size, opts, tiny) with the model fields IAR and IAR2 share; `vocab` and `grid` are
+    the (tiny, full-size) defaults."""
     size, opts = parse_arg(arg)
-    if size not in SIZES:
-        raise ValueError(f"unknown IAR size {size!r}; use one of {', '.join(SIZES)}")
-    n_layer, n_head, dim = SIZES[size]
+    if size not in sizes:
+        raise ValueError(f"unknown {family.upper()} size {size!r}; use one of {', '.join(sizes)}")
+    n_layer, n_head, dim = sizes[size]
     tiny = size == "tiny"
     c = ml_collections.ConfigDict()
-    c.model_family = "iar"
+    c.model_family = family
     c.size = size
 
     m = c.model = ml_collections.ConfigDict()
-    m.vocab_size = int(opts.get("vocab", 256 if tiny else 16384))
+    m.vocab_size = int(opts.get("vocab", vocab[0] if tiny else vocab[1]))
     m.num_classes = int(opts.get("classes", 10 if tiny else 1000))
     m.dim, m.n_layer, m.n_head = dim, n_layer, n_head
-    m.grid_size = int(opts.get("grid", 4 if tiny else 16))
+    m.grid_size = int(opts.get("grid", grid[0] if tiny else grid[1]))
     m.cls_token_num = 1
     m.token_dropout = 0.1
     m.attn_dropout = 0.0
@@ -116,6 +118,11 @@ def get_config(arg=None):
     m.dtype = "float32" if tiny else "bfloat16"  # compute dtype; params stay fp32
     m.scan_layers = True
     m.remat = "none" if size in ("tiny", "b", "l") else "full"
+    return c, size, opts, tiny
+
+
+def get_config(arg=None):
+    c, size, opts, tiny = base_config("iar", arg, SIZES, vocab=(256, 16384), grid=(4, 16))
 
     loss = c.loss = ml_collections.ConfigDict()
     loss.cluster_size = int(opts.get("cluster", 16 if tiny else 128))

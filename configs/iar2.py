@@ -38,32 +38,11 @@ SIZES = {
 
 
 def get_config(arg=None):
-    size, opts = _base.parse_arg(arg)
-    if size not in SIZES:
-        raise ValueError(f"unknown IAR2 size {size!r}; use one of {', '.join(SIZES)}")
-    n_layer, n_head, dim = SIZES[size]
-    tiny = size == "tiny"
-    c = ml_collections.ConfigDict()
-    c.model_family = "iar2"
-    c.size = size
-
-    m = c.model = ml_collections.ConfigDict()
-    m.vocab_size = int(opts.get("vocab", 16 if tiny else 256))  # semantic codebook
+    # vocab_size is the semantic codebook C_S.
+    c, size, opts, tiny = _base.base_config("iar2", arg, SIZES, vocab=(16, 256), grid=(4, 24))
+    m = c.model
     m.detail_vocab_size = int(opts.get("detail_vocab", 64 if tiny else 4096))
-    m.num_classes = int(opts.get("classes", 10 if tiny else 1000))
-    m.dim, m.n_layer, m.n_head = dim, n_layer, n_head
     m.head_layers = 2 if tiny else 5  # reference factorized_n_layer = 5
-    m.grid_size = int(opts.get("grid", 4 if tiny else 24))
-    m.cls_token_num = 1
-    m.token_dropout = 0.1
-    m.attn_dropout = 0.0
-    m.resid_dropout = 0.1
-    m.ffn_dropout = 0.1
-    m.drop_path = 0.0
-    m.class_dropout = 0.1
-    m.dtype = "float32" if tiny else "bfloat16"
-    m.scan_layers = True
-    m.remat = "none" if size in ("tiny", "b", "l") else "full"
     rope = opts.get("rope", "official")
     if rope not in ("official", "2d"):
         raise ValueError(f"rope={rope!r} is not official or 2d; e.g. configs/iar2.py:b,rope=2d")

@@ -86,21 +86,29 @@ def get_config(variant: str = "iar", preset: str = "default") -> ml_collections.
 # Stage bookkeeping
 
 
-def read_done(out: str) -> Optional[Dict[str, Any]]:
-    """The stage record of `out` (None: the stage has not completed)."""
-    path = os.path.join(out, DONE)
+def read_json(path: str, default=None):
     if not os.path.exists(path):
-        return None
+        return default
     with open(path) as f:
         return json.load(f)
 
 
+def write_json(path: str, obj) -> None:
+    """Atomic: a killed run leaves the old file or the new one, never half of it."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_done(out: str) -> Optional[Dict[str, Any]]:
+    """The stage record of `out` (None: the stage has not completed)."""
+    return read_json(os.path.join(out, DONE))
+
+
 def mark_done(out: str, info: Dict[str, Any]) -> Dict[str, Any]:
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, DONE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(out, DONE))
+    write_json(os.path.join(out, DONE), info)
     return info
 
 
@@ -120,6 +128,12 @@ def _step_bar(total: int, desc: str, enabled: bool):
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
 
     return log_fn, bar.close
+
+
+def check_finished(step, total: int, what: str = "training") -> None:
+    """Trainers return normally after a SIGTERM save: such a stage must not be marked done."""
+    if int(step) < int(total):
+        raise SystemExit(f"{what} stopped at step {int(step)} of {int(total)}; run the same command again to resume")
 
 
 def _images(dataset, limit: int = 0) -> np.ndarray:
@@ -147,10 +161,11 @@ def train_tokenizer_stage(out: str, tok_config, dataset, eval_images: Optional[n
     ev = tok_data.to_model_range(eval_images, ch, size) if eval_images is not None and len(eval_images) else None
     log_fn, close = _step_bar(int(tok_config.train.num_steps), "1/6 tokenizer", progress)
     try:
-        trainer, _, results = training.train_and_evaluate(tok_config, out, images=images, eval_images=ev,
-                                                          log_fn=log_fn)
+        trainer, state, results = training.train_and_evaluate(tok_config, out, images=images, eval_images=ev,
+                                                              log_fn=log_fn)
     finally:
         close()
+    check_finished(state["step"], tok_config.train.num_steps, "tokenizer training")
     return mark_done(out, {"seconds": time.time() - t0, "steps": int(tok_config.train.num_steps),
                            "vocab": list(trainer.model_cfg.vocab_sizes), "eval": results})
 
@@ -219,8 +234,7 @@ def train_model_stage(out: str, config, progress: bool = True) -> Dict[str, Any]
         _, state = trainer.train_and_evaluate(config, out, log_fn=log)
     finally:
         close()
-    if int(state["step"]) < int(config.train.num_steps):  # stopped by SIGTERM: saved, not finished
-        raise SystemExit(f"training stopped at step {int(state['step'])}; run the same command again to resume")
+    check_finished(state["step"], config.train.num_steps)
     return mark_done(out, {"seconds": time.time() - t0, "steps": int(config.train.num_steps),
                            "final_metrics": last})
 

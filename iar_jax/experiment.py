@@ -16,7 +16,6 @@ the batch order, so the loss is the only difference.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -24,6 +23,8 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from iar_jax import demo
 
 ARMS = {"baseline": 0.0, "iar": 1.0}  # cluster-CE weight lambda of each arm
 
@@ -123,20 +124,6 @@ def plot_curves(path: str, curves, title: str = "") -> None:
 # Stages
 
 
-def _json_dump(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _json_load(path: str, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
 def load_datasets(config):
     """(train dataset, its first `code_images` images, reference images uint8 [N, 28, 28, 1], note):
     full Fashion-MNIST, or the embedded subset with a warning when the Debian package is missing."""
@@ -164,7 +151,6 @@ def load_datasets(config):
 def stages(config, workdir: str, train, coded):
     """Tokenizer -> rearrangement -> codes, with the demo's resumable stage functions.
     Returns (tokenizer dir, mapping.npy path, codes dir)."""
-    from iar_jax import demo
 
     tok_dir, re_dir, codes_dir = (os.path.join(workdir, d) for d in ("tokenizer", "rearrange", "codes"))
     demo.train_tokenizer_stage(tok_dir, config.tokenizer, train, progress=False)
@@ -175,7 +161,6 @@ def stages(config, workdir: str, train, coded):
 
 
 def run_config(config, arm: str, seed: int, codes_dir: str, tok_dir: str, mapping_path: str):
-    from iar_jax import demo
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r} in config.arms; use {', '.join(ARMS)}")
@@ -195,24 +180,20 @@ class Evaluator:
 
     def __init__(self, config, tok_dir: str, mapping_path: str, ref_images: np.ndarray, workdir: str):
         import jax
-        import jax.numpy as jnp
 
         from iar_jax import sharding
         from iar_jax.evaluation import small_cnn
         from iar_jax.families import get_family, load_mapping
         from iar_jax.sampling import generate as gen
-        from iar_jax.sampling import gpt_step
         from iar_jax.tokenizer.checkpoint import load_tokenizer
 
         ar = config.ar
         family = get_family(ar.model_family)
         module, model_cfg = family.build(ar)
-        step_fns = gpt_step.step_fns(module, model_cfg)
+        step_fns = gen.step_fns_for(ar.model_family, module, model_cfg)
         spec = gen.make_spec(step_fns.sub_tokens, "constant", str(config.cfg_scale))
         self.mesh = sharding.make_mesh(ar.mesh)
-        dummy = {k: jnp.zeros((1,) + tuple(s), d) for k, (s, d) in family.batch_spec(ar).items()}
-        boxed = jax.eval_shape(lambda r: family.init(module, r, dummy), jax.random.PRNGKey(0))["params"]
-        self.param_shardings = sharding.logical_shardings(boxed, self.mesh, ar.mesh)
+        self.param_shardings = gen.model_param_shardings(ar, family, module, self.mesh)
         self.sample_fn = gen.make_sharded_sampler(step_fns, spec, self.mesh, self.param_shardings)
         vq_cfg, vq_params = load_tokenizer(tok_dir)
         new_order = np.argsort(load_mapping(mapping_path, int(ar.model.vocab_size)))
@@ -262,13 +243,12 @@ def train_and_eval_run(config, run_dir: str, run_cfg, evaluator: Evaluator, seed
     if not os.path.exists(done_path):
         t0 = time.time()
         tr, state = trainer.train_and_evaluate(run_cfg, run_dir)
-        if int(state["step"]) < int(run_cfg.train.num_steps):  # SIGTERM: checkpoint saved, not finished
-            raise SystemExit(f"{run_dir} stopped at step {int(state['step'])}; rerun the command to resume")
-        _json_dump(done_path, {"seconds": time.time() - t0})
+        demo.check_finished(state["step"], run_cfg.train.num_steps, run_dir)
+        demo.write_json(done_path, {"seconds": time.time() - t0})
     else:
         tr = trainer.Trainer(run_cfg)
     evals_path = os.path.join(run_dir, "evals.json")
-    evals = _json_load(evals_path, {})
+    evals = demo.read_json(evals_path, {})
     total = int(run_cfg.train.num_steps)
     want = eval_steps(run_cfg, config)
     ckpt = checkpointing.Checkpointer(ckpt_dir, keep=len(want) + 2, async_save=False)
@@ -284,7 +264,7 @@ def train_and_eval_run(config, run_dir: str, run_cfg, evaluator: Evaluator, seed
         keep = bool(config.keep_samples) and step == total
         evals[str(step)] = dict(evaluator(state["params"], os.path.join(run_dir, f"samples_{step}"), seed, keep),
                                 seconds=time.time() - t0)
-        _json_dump(evals_path, evals)
+        demo.write_json(evals_path, evals)
         logging.info("%s step %d: %s", run_dir, step, evals[str(step)])
     ckpt.close()
     steps = sorted(int(s) for s in evals)
@@ -301,7 +281,7 @@ def write_report(workdir: str, curves, info: Dict[str, Any]) -> Dict[str, Any]:
         f.write(md)
     report = {"table": rows, "curves": {a: {str(s): r for s, r in runs.items()} for a, runs in curves.items()},
               **info}
-    _json_dump(os.path.join(workdir, "table.json"), report)
+    demo.write_json(os.path.join(workdir, "table.json"), report)
     plot_curves(os.path.join(workdir, "curves.png"), curves, info.get("title", ""))
     return report
 
@@ -316,13 +296,13 @@ def run(config, workdir: str) -> Dict[str, Any]:
             raise ValueError(f"unknown arm {a!r} in config.arms; use {', '.join(ARMS)}")
     if int(config.eval_every) <= 0 or int(config.seeds) <= 0:
         raise ValueError("config.eval_every and config.seeds must be positive; e.g. --config.eval_every=100")
-    timings = _json_load(os.path.join(workdir, "timings.json"), {})
+    timings = demo.read_json(os.path.join(workdir, "timings.json"), {})
 
     def timed(name, fn, *args):
         t0 = time.time()
         out = fn(*args)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
-        _json_dump(os.path.join(workdir, "timings.json"), timings)
+        demo.write_json(os.path.join(workdir, "timings.json"), timings)
         return out
 
     train, coded, ref_images, note = load_datasets(config)
@@ -339,7 +319,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
         run_dir = os.path.join(workdir, "runs", f"{arm}_s{seed}")
         cfg = run_config(config, arm, seed, codes_dir, tok_dir, mapping_path)
         finished = os.path.exists(os.path.join(run_dir, "evals.json")) and \
-            len(_json_load(os.path.join(run_dir, "evals.json"))) == len(eval_steps(cfg, config))
+            len(demo.read_json(os.path.join(run_dir, "evals.json"))) == len(eval_steps(cfg, config))
         curves[arm][seed] = timed(f"run_{arm}_s{seed}", train_and_eval_run, config, run_dir, cfg, evaluator, seed)
         if not finished or k == len(runs) - 1:  # partial results after every new run
             info["wall_seconds_this_invocation"] = time.time() - t_start

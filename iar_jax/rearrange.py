@@ -302,9 +302,6 @@ def reorder_params(params, new_order, codebook: str = "embedding"):
 # A tokenizer checkpoint in, the `iar-jax rearrange` outputs out
 
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
 def write_outputs(out: str, r, info: dict) -> None:
     os.makedirs(out, exist_ok=True)
     np.save(os.path.join(out, "mapping.npy"), r.mapping.astype(np.int32))
@@ -354,7 +351,7 @@ def rearrange_tokenizer(tokenizer: str, out: str, cluster_size: int, codebook: s
     `out` (layout: `iar_jax.commands.rearrange`); returns the rearrangement.json contents.
     `want` (a VQConfig) pins the model of a .pt file."""
     from iar_jax.data.extract import tokenizer_fingerprint
-    from iar_jax.tokenizer.checkpoint import load_tokenizer
+    from iar_jax.tokenizer.checkpoint import TORCH_SUFFIXES, load_tokenizer
 
     cfg, params = load_tokenizer(tokenizer, want)
     table = params.get("quantize", {}).get(codebook)

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import signal
-import time
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
@@ -241,8 +240,12 @@ def make_source(config, spec):
 
 
 class _Preemption:
-    def __init__(self):
+    """SIGTERM flag. Several hosts agree on it only every `every` steps (at log steps): the
+    all-gather waits for the queued steps, so doing it every step would stall async dispatch."""
+
+    def __init__(self, every: int = 1):
         self.requested = False
+        self.every = max(int(every), 1)
         self._old = None
 
     def __enter__(self):
@@ -260,9 +263,11 @@ class _Preemption:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
 
-    def any_host(self) -> bool:
+    def any_host(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.requested
+        if step % self.every:
+            return False
         from jax.experimental import multihost_utils
 
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
@@ -321,7 +326,7 @@ def train_and_evaluate(config, workdir: str, source=None, devices=None, num_step
         last_saved = step
 
     try:
-        with _Preemption() as preempt:
+        with _Preemption(log_every) as preempt:
             step = start
             while step < total:
                 batch = trainer.put_batch(next(it))
@@ -334,7 +339,7 @@ def train_and_evaluate(config, workdir: str, source=None, devices=None, num_step
                     flush()
                 if step % ckpt_every == 0 or step == total:
                     save(step)
-                if preempt.any_host():
+                if preempt.any_host(step):
                     if last_saved != step:
                         save(step, force=True)
                     break

@@ -30,7 +30,7 @@ def main(argv):
 
     from iar_jax import image_metrics
     from iar_jax.tokenizer import training
-    from iar_jax.tokenizer.checkpoint import load_tokenizer
+    from iar_jax.tokenizer.checkpoint import TORCH_SUFFIXES, load_tokenizer
     from iar_jax.tokenizer.config import model_config_from
     from iar_jax.tokenizer.vq_model import build_model
 
@@ -41,7 +41,7 @@ def main(argv):
         config = load_config("configs/tokenizer.py:tiny")
         logging.warning("no --config: reading images as configured by configs/tokenizer.py:tiny")
     # Model settings come from the checkpoint; a --config only pins them for official .pt files.
-    is_torch = _TOKENIZER.value.endswith((".pt", ".pth", ".bin", ".ckpt"))
+    is_torch = _TOKENIZER.value.endswith(TORCH_SUFFIXES)
     want = model_config_from(config) if (is_torch and _CONFIG.value is not None) else None
     cfg, params = load_tokenizer(_TOKENIZER.value, want)
     if _IMAGE_DIR.value:

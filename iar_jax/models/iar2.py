@@ -38,45 +38,18 @@ HEAD_LEN = 3  # [h_ctx, h_t, E_s(k_t)]
 
 
 @dataclasses.dataclass(frozen=True)
-class IAR2Config:
+class IAR2Config(GPTConfig):
+    """GPTConfig's block fields (shared by trunk and head) plus the IAR2 ones."""
+
     vocab_size: int = 256  # semantic codebook C_S
-    detail_vocab_size: int = 4096  # detail codebook C_D
-    num_classes: int = 1000
-    dim: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    head_layers: int = 5  # reference `factorized_n_layer`
     grid_size: int = 24  # the reference's window is fixed at 24x24 (384 px); any square grid here
-    cls_token_num: int = 1
-    multiple_of: int = 256
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    token_dropout: float = 0.1
-    attn_dropout: float = 0.0
-    resid_dropout: float = 0.1
-    ffn_dropout: float = 0.1
-    drop_path: float = 0.0
-    class_dropout: float = 0.1
-    dtype: str = "float32"
-    scan_layers: bool = True
-    remat: str = "none"
+    detail_vocab_size: int = 4096  # detail codebook C_D
+    head_layers: int = 5  # reference `factorized_n_layer`
     # The released code's RoPE layout: trunk position p ≥ 1 takes grid cell ⌊(p−1)/2⌋ (each cell
     # repeated twice) and the head takes table rows 0–2 (zeros, cell 0, cell 0). Released weights
     # were trained with it, so it is the default (parity); False = the proper 2D layout (cell p−1;
     # head rows 0–2 of that table), for new training runs only.
     official_rope: bool = True
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid_size * self.grid_size
-
-    @property
-    def seq_len(self) -> int:
-        return self.cls_token_num + self.num_tokens
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
 
     @property
     def gpt(self) -> GPTConfig:
@@ -86,7 +59,7 @@ class IAR2Config:
         return GPTConfig(**kw)
 
     def validate(self) -> "IAR2Config":
-        self.gpt.validate()
+        super().validate()
         if self.cls_token_num != 1:
             raise ValueError(f"IAR2 supports one class token (cls_token_num={self.cls_token_num}); set model.cls_token_num=1")
         if self.grid_size < 2:
@@ -230,18 +203,15 @@ def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True)
     x = fusion(E_s(k_n), E_d(j_n)). Both schedules see the same a_n, as in the reference.
     `prepare` casts weights to the compute dtype and (unroll_layers) unstacks the scanned layers,
     like `iar_jax.sampling.gpt_step`: takes the train-layout params either way."""
-    from iar_jax.sampling.gpt_step import cast_params, constrain_cache, unstack_layers
+    from iar_jax.sampling.gpt_step import constrain_cache, decode_params_fn
     from iar_jax.sampling.sampler import StepFns
 
     if unroll_layers and cfg.scan_layers:
         cfg = dataclasses.replace(cfg, scan_layers=False)
         module = IAR2(cfg)
 
-    def prepare(params):
-        params = nn.unbox(params)
-        if unroll_layers:
-            params = unstack_layers(unstack_layers(params, cfg.n_layer, "trunk"), cfg.head_layers, "head")
-        return cast_params(params, cfg.compute_dtype)
+    prepare = decode_params_fn(cfg.compute_dtype,
+                               (("trunk", cfg.n_layer), ("head", cfg.head_layers)) if unroll_layers else ())
 
     def init_state(params, rows):
         x = module.apply({"params": params}, rows, method=IAR2.embed_class)

@@ -422,6 +422,16 @@ def load_model_params(workdir: str, checkpoint: str, expect_meta):
     return state[key], dict(meta, step=step)
 
 
+def model_param_shardings(config, family, module, mesh):
+    """The model's parameter shardings on `mesh`, from its logical axis names."""
+    from iar_jax import sharding
+
+    dummy = {k: jnp.zeros((1,) + tuple(s), d) for k, (s, d) in family.batch_spec(config).items()}
+    # Logical names only (no mesh context: shapes are traced, nothing is placed yet).
+    boxed = jax.eval_shape(lambda r: family.init(module, r, dummy), jax.random.PRNGKey(0))["params"]
+    return sharding.logical_shardings(boxed, mesh, config.mesh)
+
+
 def sample_from_workdir(config, workdir: str, tokenizer: str, out_dir: str, labels: np.ndarray, *,
                         checkpoint: str = "latest", mapping_file: Optional[str] = None, guidance: str = "constant",
                         cfg_scale="2.0", cfg_start=None, cfg_end=None, w_attn=None, cfg_tokens=None,
@@ -462,10 +472,7 @@ def sample_from_workdir(config, workdir: str, tokenizer: str, out_dir: str, labe
     logging.info("model params from %s (%s)", workdir, {k: meta.get(k) for k in ("kind", "step", "source")})
 
     mesh = sharding.make_mesh(config.mesh)
-    dummy = {k: jnp.zeros((1,) + tuple(s), d) for k, (s, d) in family.batch_spec(config).items()}
-    # Logical names only (no mesh context: shapes are traced, nothing is placed yet).
-    boxed = jax.eval_shape(lambda r: family.init(module, r, dummy), jax.random.PRNGKey(0))["params"]
-    param_shardings = sharding.logical_shardings(boxed, mesh, config.mesh)
+    param_shardings = model_param_shardings(config, family, module, mesh)
     params = jax.device_put(params, param_shardings)
 
     global_batch = global_batch or 32 * jax.device_count()

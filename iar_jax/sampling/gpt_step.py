@@ -53,6 +53,18 @@ def cast_params(params, dtype):
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+def decode_params_fn(dtype, stacks=()):
+    """params -> what a sampler step reads: unboxed, each (part, n_layer) of `stacks` unstacked from
+    the nn.scan layout, cast to the compute dtype (StepFns.prepare)."""
+    def prepare(params):
+        params = nn.unbox(params)
+        for part, n in stacks:
+            params = unstack_layers(params, n, part)
+        return cast_params(params, dtype)
+
+    return prepare
+
+
 def step_fns(module: GPT, cfg: GPTConfig, unroll_layers: bool = True) -> StepFns:
     """The GPT's `StepFns`. Takes params in the training layout (nn.scan-stacked or not); the KV
     cache layout is whatever `gpt.init_cache` builds for the (unrolled) config."""
@@ -60,11 +72,7 @@ def step_fns(module: GPT, cfg: GPTConfig, unroll_layers: bool = True) -> StepFns
         cfg = dataclasses.replace(cfg, scan_layers=False)
         module = GPT(cfg)
 
-    def prepare(params):
-        params = nn.unbox(params)
-        if unroll_layers:
-            params = unstack_layers(params, cfg.n_layer)
-        return cast_params(params, cfg.compute_dtype)
+    prepare = decode_params_fn(cfg.compute_dtype, (("transformer", cfg.n_layer),) if unroll_layers else ())
 
     def init_state(params, rows):
         cache = init_cache(cfg, rows.shape[0], cfg.seq_len, cfg.compute_dtype)

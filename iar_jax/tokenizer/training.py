@@ -585,7 +585,7 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
 
     step = start
     try:
-        with _Preemption() as preempt:
+        with _Preemption(log_every) as preempt:
             while step < total:
                 if trainer.model_cfg.dual and step == trainer.recipe.stage1_steps and step > 0:
                     state = trainer.reset_for_stage2(state)  # fresh optimizers for stage 2, like the reference
@@ -596,7 +596,7 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
                     flush(step)
                 if ckpt is not None and (step % ckpt_every == 0 or step == total):
                     save(step)
-                if preempt.any_host():
+                if preempt.any_host(step):
                     if ckpt is not None and last_saved != step:
                         save(step, force=True)
                     logging.warning("stopped at step %d on SIGTERM; re-run the same command to resume", step)
