@@ -4,6 +4,8 @@ References are computed here, independently of the code under test: hand values 
 schedules, NumPy for top-k / top-p, the model's own full-sequence forward for the cached steps and
 a NumPy re-implementation of the GPT forward for the class-attention weights a_n.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,11 +173,13 @@ def test_cfg_mix_is_reference_formula():
 # The cached scan against the full forward
 
 
-def test_cached_steps_equal_full_forward_at_every_position(model, full_logits):
-    """Teacher-force codes through the sampler's own step (unrolled layers, CFG rows) and compare the
-    logits it hands to the draw with the full-sequence forward, at every position."""
+@pytest.mark.parametrize("out_major", [False, True])
+def test_cached_steps_equal_full_forward_at_every_position(model, full_logits, out_major):
+    """Teacher-force codes through the sampler's own step (unrolled layers, CFG rows; input-major
+    kernels as on accelerators, output-major as on CPU) and compare the logits it hands to the
+    draw with the full-sequence forward, at every position."""
     module, params = model
-    sf = gpt_step.step_fns(module, CFG)
+    sf = gpt_step.step_fns(module, CFG, out_major=out_major)
     spec = _spec(force_cfg=True)
     rng = np.random.default_rng(4)
     B = 4
@@ -327,3 +331,34 @@ def test_unstack_layers_round_trip(model):
     assert "layers" not in flat["transformer"] and "layers_1" in flat["transformer"]
     np.testing.assert_array_equal(flat["transformer"]["layers_1"]["attention"]["wo"]["kernel"],
                                   params["transformer"]["layers"]["block"]["attention"]["wo"]["kernel"][1])
+
+
+def test_out_major_kernels_are_transposes(model):
+    """The CPU decode layout: every block kernel and the head transposed, w1/w3 stacked as w13."""
+    _, params = model
+    flat = gpt_step.unstack_layers(params, CFG.n_layer)
+    cfg, _ = gpt_step.decode_config(CFG, True, True)
+    om = gpt.transpose_kernels(flat, gpt.abstract_params(cfg))
+    blk, src = om["transformer"]["layers_1"], flat["transformer"]["layers_1"]
+    np.testing.assert_array_equal(om["output"]["kernel_t"], np.asarray(params["output"]["kernel"]).T)
+    np.testing.assert_array_equal(blk["attention"]["wo"]["kernel_t"],
+                                  np.moveaxis(np.asarray(src["attention"]["wo"]["kernel"]), -1, 0))
+    np.testing.assert_array_equal(blk["attention"]["wqkv"]["kernel_t"],
+                                  np.moveaxis(np.asarray(src["attention"]["wqkv"]["kernel"]), 0, -1))
+    ff = src["feed_forward"]
+    np.testing.assert_array_equal(blk["feed_forward"]["w13"]["kernel_t"],
+                                  np.stack([np.asarray(ff["w1"]["kernel"]).T, np.asarray(ff["w3"]["kernel"]).T]))
+    np.testing.assert_array_equal(blk["feed_forward"]["w2"]["kernel_t"], np.asarray(ff["w2"]["kernel"]).T)
+    np.testing.assert_array_equal(om["tok_embeddings"]["embedding"], params["tok_embeddings"]["embedding"])
+    with pytest.raises(ValueError, match="same model config"):
+        gpt.transpose_kernels(flat, gpt.abstract_params(dataclasses.replace(cfg, dim=64, n_head=4)))
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # the multiply-reduce (decode) and the dot path
+def test_out_major_dense_matches_numpy(rows):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(rows, 2, 4, 6)).astype(np.float32)
+    w = rng.normal(size=(4, 6, 5)).astype(np.float32)  # input-major [H, Dh, out], like wo
+    layer = gpt.OutMajorDense((5,), ("heads", "kv", "embed"), n_in=2)
+    y = layer.apply({"params": {"kernel_t": jnp.asarray(np.moveaxis(w, -1, 0))}}, jnp.asarray(x))
+    np.testing.assert_allclose(y, np.einsum("bshd,hdo->bso", x, w), rtol=1e-5, atol=1e-5)

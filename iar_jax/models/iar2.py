@@ -193,7 +193,7 @@ def iar2_loss(sem_logits, det_logits, codes, detail_codes, semantic_weight: floa
 SUB_TOKENS = ("semantic", "detail")
 
 
-def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True):
+def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True, out_major=None):
     """The IAR2 per-position step for `iar_jax.sampling.sampler`. State: next trunk input x [R, D]
     (the class token first), the trunk KV cache and the buffer of compressed trunk outputs
     [R, T, dim//12] the window reads.
@@ -201,17 +201,17 @@ def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True)
     Step n: trunk at sequence position n → a_n (cond rows) → head over [h_ctx, h_n] → draw k_n with
     the semantic schedule → head continues with E_s(k_n) → draw j_n with the detail schedule →
     x = fusion(E_s(k_n), E_d(j_n)). Both schedules see the same a_n, as in the reference.
-    `prepare` casts weights to the compute dtype and (unroll_layers) unstacks the scanned layers,
-    like `iar_jax.sampling.gpt_step`: takes the train-layout params either way."""
-    from iar_jax.sampling.gpt_step import constrain_cache, decode_params_fn
+    `prepare` casts weights to the compute dtype, (unroll_layers) unstacks the scanned layers and
+    (on CPU) makes the blocks' kernels output-major, like `iar_jax.sampling.gpt_step`: takes the
+    train-layout params either way."""
+    from iar_jax.sampling.gpt_step import constrain_cache, decode_config, decode_params_fn
     from iar_jax.sampling.sampler import StepFns
 
-    if unroll_layers and cfg.scan_layers:
-        cfg = dataclasses.replace(cfg, scan_layers=False)
+    stacks = (("trunk", cfg.n_layer), ("head", cfg.head_layers)) if unroll_layers and cfg.scan_layers else ()
+    cfg, changed = decode_config(cfg, unroll_layers, out_major)
+    if changed:
         module = IAR2(cfg)
-
-    prepare = decode_params_fn(cfg.compute_dtype,
-                               (("trunk", cfg.n_layer), ("head", cfg.head_layers)) if unroll_layers else ())
+    prepare = decode_params_fn(cfg.compute_dtype, stacks, abstract_params(cfg) if cfg.out_major_kernels else None)
 
     def init_state(params, rows):
         x = module.apply({"params": params}, rows, method=IAR2.embed_class)

@@ -9,17 +9,18 @@ work); it keeps the scan body uniform.
 (each decode step streams every weight once, so bf16 halves the bytes) and, with
 `unroll_layers=True`, unstacks nn.scan's [n_layer, ...] weights into per-layer arrays so the decode
 indexes no stacked weight with a loop counter (a dynamic slice that XLA materialises per layer
-and step on CPU).
+and step on CPU). On CPU it also transposes the kernels output-major (`gpt.OutMajorDense`).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iar_jax.models.gpt import GPT, GPTConfig, init_cache
+from iar_jax.models.gpt import GPT, GPTConfig, abstract_params, init_cache, transpose_kernels
 from iar_jax.sampling.sampler import StepFns
 
 
@@ -53,26 +54,40 @@ def cast_params(params, dtype):
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def decode_params_fn(dtype, stacks=()):
+def decode_params_fn(dtype, stacks=(), out_major_shapes=None):
     """params -> what a sampler step reads: unboxed, each (part, n_layer) of `stacks` unstacked from
-    the nn.scan layout, cast to the compute dtype (StepFns.prepare)."""
+    the nn.scan layout, kernels transposed to `out_major_shapes` when given (the out-major decode
+    model's abstract params), cast to the compute dtype (StepFns.prepare)."""
     def prepare(params):
         params = nn.unbox(params)
         for part, n in stacks:
             params = unstack_layers(params, n, part)
+        if out_major_shapes is not None:
+            params = transpose_kernels(params, out_major_shapes)
         return cast_params(params, dtype)
 
     return prepare
 
 
-def step_fns(module: GPT, cfg: GPTConfig, unroll_layers: bool = True) -> StepFns:
-    """The GPT's `StepFns`. Takes params in the training layout (nn.scan-stacked or not); the KV
-    cache layout is whatever `gpt.init_cache` builds for the (unrolled) config."""
-    if unroll_layers and cfg.scan_layers:
-        cfg = dataclasses.replace(cfg, scan_layers=False)
-        module = GPT(cfg)
+def decode_config(cfg, unroll_layers: bool, out_major: Optional[bool]):
+    """The decode model's config: layers unrolled (`unroll_layers`) and, on CPU by default
+    (`out_major=None`; unrolled layers only), output-major kernels. Returns (config, whether it
+    differs from `cfg`)."""
+    scan = cfg.scan_layers and not unroll_layers
+    if out_major is None:
+        out_major = jax.default_backend() == "cpu" and not scan
+    new = dataclasses.replace(cfg, scan_layers=scan, out_major_kernels=out_major)
+    return new, new != cfg
 
-    prepare = decode_params_fn(cfg.compute_dtype, (("transformer", cfg.n_layer),) if unroll_layers else ())
+
+def step_fns(module: GPT, cfg: GPTConfig, unroll_layers: bool = True, out_major: Optional[bool] = None) -> StepFns:
+    """The GPT's `StepFns`. Takes params in the training layout (nn.scan-stacked or not); the KV
+    cache layout is whatever `gpt.init_cache` builds for the decode config (`decode_config`)."""
+    stacks = (("transformer", cfg.n_layer),) if unroll_layers and cfg.scan_layers else ()
+    cfg, changed = decode_config(cfg, unroll_layers, out_major)
+    if changed:
+        module = GPT(cfg)
+    prepare = decode_params_fn(cfg.compute_dtype, stacks, abstract_params(cfg) if cfg.out_major_kernels else None)
 
     def init_state(params, rows):
         cache = init_cache(cfg, rows.shape[0], cfg.seq_len, cfg.compute_dtype)
