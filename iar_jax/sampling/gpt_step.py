@@ -76,6 +76,8 @@ def decode_config(cfg, unroll_layers: bool, out_major: Optional[bool]):
     scan = cfg.scan_layers and not unroll_layers
     if out_major is None:
         out_major = jax.default_backend() == "cpu" and not scan
+    elif out_major and scan:
+        raise ValueError("output-major decode kernels need unrolled layers; pass unroll_layers=True")
     new = dataclasses.replace(cfg, scan_layers=scan, out_major_kernels=out_major)
     return new, new != cfg
 
