@@ -111,8 +111,10 @@ def save_params(directory: str, params, meta: Dict[str, Any]) -> None:
         json.dump(meta, f, indent=1, sort_keys=True)
 
 
-def load_params(directory: str, expect_meta: Optional[Dict[str, Any]] = None, ema: bool = False):
-    """Params (numpy) from a params-only checkpoint or from a train workdir's newest checkpoint."""
+def load_params(directory: str, expect_meta: Optional[Dict[str, Any]] = None, ema: bool = False,
+                step: Optional[int] = None):
+    """(params (numpy), meta) from a params-only checkpoint, or from a train workdir's newest readable
+    checkpoint (`step`: that one)."""
     import json
 
     directory = _abspath(directory)
@@ -121,6 +123,8 @@ def load_params(directory: str, expect_meta: Optional[Dict[str, Any]] = None, em
             meta = json.load(f)
         if expect_meta:
             check_kind(meta, expect_meta, directory)
+        if step is not None:
+            raise ValueError(f"{directory} is a params-only checkpoint without steps; drop the step")
         with ocp.StandardCheckpointer() as c:
             return c.restore(os.path.join(directory, "params")), meta
     ck_dir = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) else directory
@@ -128,6 +132,10 @@ def load_params(directory: str, expect_meta: Optional[Dict[str, Any]] = None, em
     steps = ck.all_steps()
     if not steps:
         raise ValueError(f"no checkpoint found in {directory}; pass a train --workdir or a `iar-jax convert` output")
+    if step is not None:
+        if step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {ck_dir}; available: {steps}")
+        steps = [step]
     for s in reversed(steps):
         try:
             meta = ck.read_meta(s)
@@ -137,6 +145,8 @@ def load_params(directory: str, expect_meta: Optional[Dict[str, Any]] = None, em
         except CheckpointKindError:
             raise
         except Exception as e:
+            if step is not None:
+                raise
             logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, ck_dir, e)
             continue
         key = "ema_params" if ema else "params"

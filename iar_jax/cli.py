@@ -40,10 +40,12 @@ def main(argv=None) -> None:
         raise
     from absl import app
 
+    from iar_jax.runtime import NonFiniteLossError
+
     def run(args):
         try:
             return module.main(args)
-        except (ValueError, FloatingPointError) as e:  # bad input / non-finite loss: one line, no traceback
+        except (ValueError, NonFiniteLossError) as e:  # bad input / non-finite loss: one line, no traceback
             sys.exit(f"iar-jax {name}: error: {e}")
 
     app.run(run, argv=[f"iar-jax {name}"] + argv[2:])

@@ -206,12 +206,16 @@ def extract_codes_stage(out: str, tok_dir: str, dataset, image_size: int, batch_
                            "vocab": meta["vocab"]})
 
 
-def model_config_for(model_config, codes_dir: str, tok_dir: str, mapping_file: str = ""):
-    """The model config pointed at the extracted codes (and, for IAR, the rearrangement)."""
+def model_config_for(model_config, codes_dir: str, tok_dir: str, rearrangement: Optional[Dict[str, Any]] = None):
+    """The model config pointed at the extracted codes and, for IAR, at the rearrangement (the
+    `rearrange_stage` record): its mapping file and the cluster size the loss groups logits by."""
     c = ml_collections.ConfigDict(model_config.to_dict())
     c.data.source, c.data.path, c.data.tokenizer = "records", codes_dir, tok_dir
+    r = rearrangement or {}
     if "mapping_file" in c.get("loss", {}):
-        c.loss.mapping_file = mapping_file
+        c.loss.mapping_file = r.get("mapping_file", "")
+        if r.get("cluster_size"):
+            c.loss.cluster_size = int(r["cluster_size"])
     return c
 
 
@@ -285,18 +289,19 @@ def evaluate_stage(out: str, samples_npz: str, ref_images: np.ndarray, real_imag
         return done
     from scipy.linalg import LinAlgWarning
 
-    from iar_jax.evaluation import small_cnn
+    from iar_jax.evaluation import metrics, small_cnn
 
     t0 = time.time()
     params = small_cnn.load_params()
     with np.load(samples_npz) as z:
         images, labels = z["arr_0"], z["labels"]
+    ref = small_cnn.predict(params, ref_images)
     with warnings.catch_warnings():  # few samples: a singular covariance product is expected, not news
         warnings.simplefilter("ignore", LinAlgWarning)
-        report = small_cnn.score_samples(images, labels, ref_images, params)
+        report = small_cnn.score_samples(images, labels, None, params, ref_pred=ref)
         if real_images is not None:
-            report["fid_real_train"] = small_cnn.score_samples(real_images[:len(images)], None, ref_images,
-                                                               params)["fid"]
+            real = small_cnn.predict(params, real_images[:len(images)])
+            report["fid_real_train"] = metrics.fid_from_features(real["features"], ref["features"])
     report.update(num_samples=len(images), num_ref_images=len(ref_images))
     report["seconds"] = time.time() - t0
     return mark_done(out, report)
@@ -340,12 +345,9 @@ def run(config, workdir: str, progress: bool = True, echo: Callable[[str], None]
     skipped = list(STAGES[:first])
     if skipped:
         echo(f"resuming in {workdir}: done already: {', '.join(skipped)}")
-    import jax
+    from iar_jax import runtime
 
-    if jax.config.jax_compilation_cache_dir is None:  # a resumed run skips most compiles
-        from iar_jax import runtime
-
-        runtime.enable_compilation_cache()
+    runtime.enable_compilation_cache()  # a resumed run skips most compiles
     train = datasets.load_dataset(config.dataset, "train")
     if int(config.extract.num_images):
         n = int(config.extract.num_images)
@@ -367,8 +369,7 @@ def run(config, workdir: str, progress: bool = True, echo: Callable[[str], None]
     records["codes"] = extract_codes_stage(d["codes"], d["tokenizer"], train, int(config.tokenizer.data.image_size),
                                            int(config.extract.batch_size), int(config.extract.records_per_shard),
                                            progress)
-    model_cfg = model_config_for(config.model, d["codes"], d["tokenizer"],
-                                 records["rearrange"].get("mapping_file", ""))
+    model_cfg = model_config_for(config.model, d["codes"], d["tokenizer"], records["rearrange"])
     records["model"] = train_model_stage(d["model"], model_cfg, progress)
     records["samples"] = sample_stage(d["samples"], model_cfg, d["model"], d["tokenizer"], config.sample, progress)
     grid_path = os.path.join(workdir, "grid.png")
@@ -410,8 +411,7 @@ def sample_more(config, workdir: str, out: str, per_class: int = 4, seed: int = 
         raise ValueError(f"{workdir} has no trained demo model; run `iar-jax demo --workdir={workdir}` first")
     s = ml_collections.ConfigDict(config.sample.to_dict())
     s.update(sampling)
-    model_cfg = model_config_for(config.model, d["codes"], d["tokenizer"],
-                                 (read_done(d["rearrange"]) or {}).get("mapping_file", ""))
+    model_cfg = model_config_for(config.model, d["codes"], d["tokenizer"], read_done(d["rearrange"]))
     labels = gen.class_labels(0, int(model_cfg.model.num_classes), int(per_class))
     _sample(model_cfg, d["model"], d["tokenizer"], out, labels, s, len(labels), int(seed), progress)
     with np.load(os.path.join(out, "samples.npz")) as z:

@@ -161,11 +161,9 @@ def stages(config, workdir: str, train, coded):
 
 
 def run_config(config, arm: str, seed: int, codes_dir: str, tok_dir: str, mapping_path: str):
-
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r} in config.arms; use {', '.join(ARMS)}")
-    c = demo.model_config_for(config.ar, codes_dir, tok_dir, mapping_path)  # both arms: rearranged ids
-    c.loss.cluster_size = int(config.cluster_size)
+    # Both arms train on the rearranged ids; the baseline's cluster weight is 0.
+    c = demo.model_config_for(config.ar, codes_dir, tok_dir,
+                              {"mapping_file": mapping_path, "cluster_size": int(config.cluster_size)})
     c.loss.cluster_weight = ARMS[arm]
     c.train.seed = int(seed)
     c.train.ckpt_every = int(config.eval_every)
@@ -183,23 +181,14 @@ class Evaluator:
 
         from iar_jax import sharding
         from iar_jax.evaluation import small_cnn
-        from iar_jax.families import get_family, load_mapping
         from iar_jax.sampling import generate as gen
-        from iar_jax.tokenizer.checkpoint import load_tokenizer
 
         ar = config.ar
-        family = get_family(ar.model_family)
-        module, model_cfg = family.build(ar)
-        step_fns = gen.step_fns_for(ar.model_family, module, model_cfg)
-        spec = gen.make_spec(step_fns.sub_tokens, "constant", str(config.cfg_scale))
         self.mesh = sharding.make_mesh(ar.mesh)
-        self.param_shardings = gen.model_param_shardings(ar, family, module, self.mesh)
-        self.sample_fn = gen.make_sharded_sampler(step_fns, spec, self.mesh, self.param_shardings)
-        vq_cfg, vq_params = load_tokenizer(tok_dir)
-        new_order = np.argsort(load_mapping(mapping_path, int(ar.model.vocab_size)))
-        self.decode_fn = gen.make_decode_fn(gen.vq_decoder(vq_cfg, jax.device_put(vq_params)),
-                                            int(ar.model.grid_size), False, new_order)
-        self.labels = gen.class_labels(0, int(ar.model.num_classes), int(config.eval_per_class))
+        _, self.sample_fn, self.decode_fn, self.param_shardings = gen.build_sampling(
+            ar, tok_dir, self.mesh, mapping_path, guidance="constant", cfg_scale=str(config.cfg_scale))
+        self.num_classes = int(ar.model.num_classes)
+        self.labels = gen.class_labels(0, self.num_classes, int(config.eval_per_class))
         dp = sharding.data_parallel_size(self.mesh) * jax.process_count()
         self.global_batch = -(-len(self.labels) // dp) * dp  # one chunk; generate pads and trims it
         self.cnn = small_cnn.load_params()
@@ -216,7 +205,7 @@ class Evaluator:
 
         params = jax.device_put(params, self.param_shardings)
         gen.generate(self.sample_fn, params, self.labels, out_dir, global_batch=self.global_batch, mesh=self.mesh,
-                     decode_fn=self.decode_fn, num_classes=int(self.labels.max()) + 1, seed=seed,
+                     decode_fn=self.decode_fn, num_classes=self.num_classes, seed=seed,
                      grid=100 if keep else 0, progress=False)
         with np.load(os.path.join(out_dir, "samples.npz")) as z:
             images, labels = z["arr_0"], z["labels"]
@@ -239,34 +228,25 @@ def train_and_eval_run(config, run_dir: str, run_cfg, evaluator: Evaluator, seed
     from iar_jax import checkpointing, trainer
 
     done_path = os.path.join(run_dir, "train_done.json")
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.exists(done_path):
         t0 = time.time()
-        tr, state = trainer.train_and_evaluate(run_cfg, run_dir)
+        _, state = trainer.train_and_evaluate(run_cfg, run_dir)
         demo.check_finished(state["step"], run_cfg.train.num_steps, run_dir)
         demo.write_json(done_path, {"seconds": time.time() - t0})
-    else:
-        tr = trainer.Trainer(run_cfg)
     evals_path = os.path.join(run_dir, "evals.json")
     evals = demo.read_json(evals_path, {})
     total = int(run_cfg.train.num_steps)
-    want = eval_steps(run_cfg, config)
-    ckpt = checkpointing.Checkpointer(ckpt_dir, keep=len(want) + 2, async_save=False)
-    abstract = tr.abstract_sharded_state()
-    for step in want:
+    expect = {"model_family": run_cfg.model_family, "model": trainer.structural_model_meta(run_cfg)}
+    for step in eval_steps(run_cfg, config):
         if str(step) in evals:
             continue
-        if step not in ckpt.all_steps():
-            raise ValueError(f"{ckpt_dir} has no checkpoint for step {step} (has {ckpt.all_steps()}); "
-                             "delete the run directory to retrain it")
         t0 = time.time()
-        state, _, _ = ckpt.restore(step, abstract)
+        params, _ = checkpointing.load_params(run_dir, expect, step=step)
         keep = bool(config.keep_samples) and step == total
-        evals[str(step)] = dict(evaluator(state["params"], os.path.join(run_dir, f"samples_{step}"), seed, keep),
+        evals[str(step)] = dict(evaluator(params, os.path.join(run_dir, f"samples_{step}"), seed, keep),
                                 seconds=time.time() - t0)
         demo.write_json(evals_path, evals)
         logging.info("%s step %d: %s", run_dir, step, evals[str(step)])
-    ckpt.close()
     steps = sorted(int(s) for s in evals)
     return {"steps": steps, "fid": [evals[str(s)]["fid"] for s in steps],
             "class_accuracy": [evals[str(s)]["class_accuracy"] for s in steps]}

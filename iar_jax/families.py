@@ -169,7 +169,7 @@ def _iar_train_flops(cfg, batch: int) -> float:
     from iar_jax.models.gpt import abstract_params, count_params
 
     params = abstract_params(cfg)
-    seq = cfg.num_tokens + 1
+    seq = cfg.seq_len - 1  # the teacher-forced forward: class token(s) + the first T-1 codes
     n = count_params(params) - count_params({k: v for k, v in params.items() if "embedding" in k})
     attn = 6.0 * 2 * cfg.n_layer * cfg.n_head * seq * seq * cfg.head_dim * batch  # QK^T and PV
     return 6.0 * n * batch * seq + attn

@@ -1,8 +1,17 @@
-"""Process setup shared by the CLI entry points (multi-host init, logging)."""
+"""Process setup and run control shared by the CLI entry points and trainers (multi-host init,
+compile cache, SIGTERM, non-finite loss)."""
 import os
+import signal
 
 import jax
+import numpy as np
 from absl import logging
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN/inf; the CLI prints it as one line."""
+
+
 
 
 def _launched_multi_process() -> bool:
@@ -14,8 +23,13 @@ def _launched_multi_process() -> bool:
 
 def enable_compilation_cache() -> None:
     """Persistent XLA compilation cache, so a re-run (resume, demo, a second sample) skips compiles.
-    IAR_JAX_COMPILATION_CACHE=DIR moves it, =off disables it."""
-    path = os.environ.get("IAR_JAX_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "iar_jax", "xla"))
+    IAR_JAX_COMPILATION_CACHE=DIR moves it, =off disables it; without it, a cache directory already
+    configured (JAX_COMPILATION_CACHE_DIR, or an earlier call) is kept."""
+    path = os.environ.get("IAR_JAX_COMPILATION_CACHE")
+    if path is None:
+        if jax.config.jax_compilation_cache_dir:
+            return
+        path = os.path.join(os.path.expanduser("~"), ".cache", "iar_jax", "xla")
     if path.lower() in ("", "0", "off", "none"):
         return
     jax.config.update("jax_compilation_cache_dir", path)
@@ -37,3 +51,37 @@ def setup() -> None:
         enable_compilation_cache()
     logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+
+
+class Preemption:
+    """SIGTERM flag. Several hosts agree on it only every `every` steps (at log steps): the
+    all-gather waits for the queued steps, so doing it every step would stall async dispatch."""
+
+    def __init__(self, every: int = 1):
+        self.requested = False
+        self.every = max(int(every), 1)
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, *_):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def any_host(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self.every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
@@ -21,11 +20,8 @@ import numpy as np
 import optax
 
 from iar_jax import checkpointing, sharding
+from iar_jax.runtime import NonFiniteLossError, Preemption
 from iar_jax.families import Family, get_family
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,40 +235,6 @@ def make_source(config, spec):
 # Loop
 
 
-class _Preemption:
-    """SIGTERM flag. Several hosts agree on it only every `every` steps (at log steps): the
-    all-gather waits for the queued steps, so doing it every step would stall async dispatch."""
-
-    def __init__(self, every: int = 1):
-        self.requested = False
-        self.every = max(int(every), 1)
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handler(self, *_):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-    def any_host(self, step: int) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        if step % self.every:
-            return False
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
-
-
 def train_and_evaluate(config, workdir: str, source=None, devices=None, num_steps: Optional[int] = None,
                        log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None):
     """Trains (resuming from `workdir`) until config.train.num_steps; returns (trainer, state).
@@ -326,7 +288,7 @@ def train_and_evaluate(config, workdir: str, source=None, devices=None, num_step
         last_saved = step
 
     try:
-        with _Preemption(log_every) as preempt:
+        with Preemption(log_every) as preempt:
             step = start
             while step < total:
                 batch = trainer.put_batch(next(it))

@@ -58,7 +58,7 @@ def test_resume_mid_epoch_from_saved_state(loader):
     for e in expected:
         np.testing.assert_array_equal(next(resumed)["codes"], e)
     with pytest.raises(ValueError, match="seed=7 but this run has seed=8"):
-        codes_lib.BatchIterator(_source(), global_batch=3, seed=8).restore(state)
+        loader(_source(), global_batch=3, seed=8).restore(state)
 
 
 @LOADERS

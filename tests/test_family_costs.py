@@ -18,7 +18,7 @@ def _block(d, ffn):  # matmul weights of one LlamaGen block: wqkv, wo, w1, w3, w
 
 def test_iar_train_flops_hand_count():
     family, cfg = _family("configs/iar.py:tiny")  # d 64, 2 layers, 4 heads, ffn 256, vocab 256, 4x4 grid
-    B, seq = 3, 16 + 1
+    B, seq = 3, 1 + 16 - 1  # class token + the first T-1 of 16 codes
     params = 2 * (_block(64, 256) + 2 * 64) + 64 + 64 * 256  # blocks + norms, final norm, output
     attn = 2 * 2 * 4 * seq * seq * 16  # QK^T and PV, 2 layers, 4 heads of 16
     assert family.train_flops(cfg, B) == pytest.approx(6 * B * (params * seq + attn), rel=1e-12)

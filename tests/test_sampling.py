@@ -337,7 +337,7 @@ def test_out_major_kernels_are_transposes(model):
     """The CPU decode layout: every block kernel and the head transposed, w1/w3 stacked as w13."""
     _, params = model
     flat = gpt_step.unstack_layers(params, CFG.n_layer)
-    cfg, _ = gpt_step.decode_config(CFG, True, True)
+    _, cfg, _ = gpt_step.decode_model(gpt.GPT, CFG, (), gpt.abstract_params, out_major=True)
     om = gpt.transpose_kernels(flat, gpt.abstract_params(cfg))
     blk, src = om["transformer"]["layers_1"], flat["transformer"]["layers_1"]
     np.testing.assert_array_equal(om["output"]["kernel_t"], np.asarray(params["output"]["kernel"]).T)

@@ -39,9 +39,8 @@ def rules(cfg):
     r.update(_mlp("mlp2", ("local_context", "mlp2"), out_bias=False))
     r.update(_mlp("output1", ("sem_output",), out_bias=False))
     r.update(_mlp("output2", ("det_output",), out_bias=False))
-    g = cfg.gpt
-    r.update(stack_rules(g, "layers", ("trunk",), cfg.n_layer))
-    r.update(stack_rules(g, "factorized_blocks", ("head",), cfg.head_layers))
+    r.update(stack_rules(cfg, "layers", ("trunk",), cfg.n_layer))
+    r.update(stack_rules(cfg, "factorized_blocks", ("head",), cfg.head_layers))
     return r
 
 

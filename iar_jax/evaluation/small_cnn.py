@@ -165,14 +165,15 @@ def accuracy(params, images: np.ndarray, labels: np.ndarray) -> float:
     return float((predict(params, images)["logits"].argmax(-1) == labels).mean())
 
 
-def score_samples(images: np.ndarray, labels, ref_images: np.ndarray, params=None, pr_k: int = 3,
-                  kid: bool = False) -> dict[str, Any]:
+def score_samples(images: np.ndarray, labels, ref_images: np.ndarray | None, params=None, pr_k: int = 3,
+                  kid: bool = False, ref_pred: dict | None = None) -> dict[str, Any]:
     """FID of the classifier's features, precision / recall (k = pr_k), optional KID, of uint8 samples
-    against reference images, and the class accuracy of the samples (None without labels)."""
+    against reference images (or their `predict` output `ref_pred`), and the class accuracy of the
+    samples (None without labels)."""
     from iar_jax.evaluation import metrics
 
     params = load_params() if params is None else params
-    fs, fr = predict(params, images), predict(params, ref_images)
+    fs, fr = predict(params, images), ref_pred if ref_pred is not None else predict(params, ref_images)
     report: dict[str, Any] = {"fid": metrics.fid_from_features(fs["features"], fr["features"])}
     report["precision"], report["recall"] = metrics.precision_recall(fr["features"], fs["features"], k=pr_k)
     if kid:

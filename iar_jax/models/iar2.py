@@ -51,13 +51,6 @@ class IAR2Config(GPTConfig):
     # head rows 0–2 of that table), for new training runs only.
     official_rope: bool = True
 
-    @property
-    def gpt(self) -> GPTConfig:
-        """The block hyper-parameters shared by trunk and head, as the spine's GPTConfig."""
-        names = {f.name for f in dataclasses.fields(GPTConfig)}
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
-        return GPTConfig(**kw)
-
     def validate(self) -> "IAR2Config":
         super().validate()
         if self.cls_token_num != 1:
@@ -73,8 +66,7 @@ class IAR2Config(GPTConfig):
 
 def rope_tables(cfg: IAR2Config) -> Tuple[np.ndarray, np.ndarray]:
     """(trunk table [seq_len, hd/2, 2], head table [3, hd/2, 2])."""
-    hd = cfg.dim // cfg.n_head
-    table = rope_table_2d(cfg.grid_size, hd, cfg.rope_base, cfg.cls_token_num)
+    table = rope_table_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
     if cfg.official_rope:
         # Reference `precompute_freqs_cis_2d` with `repeat_interleave(2)` on the grid cells.
         table = np.concatenate([table[: cfg.cls_token_num], np.repeat(table[cfg.cls_token_num:], 2, axis=0)])
@@ -86,7 +78,6 @@ class IAR2(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        g = cfg.gpt
         dt = cfg.compute_dtype
         d = cfg.dim
         self.cls_embedding = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout)
@@ -94,9 +85,9 @@ class IAR2(nn.Module):
         self.sem_embedding = nn.Embed(cfg.vocab_size, d, embedding_init=emb_init, param_dtype=jnp.float32)
         self.det_embedding = nn.Embed(cfg.detail_vocab_size, d, embedding_init=emb_init, param_dtype=jnp.float32)
         self.fusion = MLP(4 * d, d, out_bias=True, axes=("embed", "mlp", "embed"), dtype=dt)
-        self.trunk = TransformerStack(g, final_norm=False)  # the reference trunk has no final norm
+        self.trunk = TransformerStack(cfg, final_norm=False)  # the reference trunk has no final norm
         self.local_context = LocalContext(d, cfg.grid_size, cfg.grid_size, dtype=dt)
-        self.head = TransformerStack(g, n_layer=cfg.head_layers)  # blocks + the shared final RMSNorm
+        self.head = TransformerStack(cfg, n_layer=cfg.head_layers)  # blocks + the shared final RMSNorm
         self.sem_output = MLP(2 * d, cfg.vocab_size, out_bias=False, zero_init_out=True,
                               axes=("embed", "mlp", "vocab"), dtype=dt)
         self.det_output = MLP(2 * d, cfg.detail_vocab_size, out_bias=False, zero_init_out=True,
@@ -162,7 +153,7 @@ class IAR2(nn.Module):
         buffer = jax.lax.dynamic_update_slice_in_dim(buffer, c[:, None], pos, axis=1)
         ctx = self.local_context.at(buffer, pos)
         seq = jnp.stack([ctx.astype(h.dtype), h], axis=1)
-        cache = init_cache(cfg.gpt, h.shape[0], HEAD_LEN, n_layer=cfg.head_layers)
+        cache = init_cache(cfg, h.shape[0], HEAD_LEN, n_layer=cfg.head_layers)
         out, cache, _ = self.head(seq, self.head_rope[:2], train=False, cache=cache, start=0)
         return self.sem_output(out[:, 1]).astype(jnp.float32), buffer, cache
 
@@ -204,18 +195,15 @@ def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True,
     `prepare` casts weights to the compute dtype, (unroll_layers) unstacks the scanned layers and
     (on CPU) makes the blocks' kernels output-major, like `iar_jax.sampling.gpt_step`: takes the
     train-layout params either way."""
-    from iar_jax.sampling.gpt_step import constrain_cache, decode_config, decode_params_fn
+    from iar_jax.sampling.gpt_step import constrain_cache, decode_model
     from iar_jax.sampling.sampler import StepFns
 
-    stacks = (("trunk", cfg.n_layer), ("head", cfg.head_layers)) if unroll_layers and cfg.scan_layers else ()
-    cfg, changed = decode_config(cfg, unroll_layers, out_major)
-    if changed:
-        module = IAR2(cfg)
-    prepare = decode_params_fn(cfg.compute_dtype, stacks, abstract_params(cfg) if cfg.out_major_kernels else None)
+    module, cfg, prepare = decode_model(IAR2, cfg, (("trunk", cfg.n_layer), ("head", cfg.head_layers)),
+                                        abstract_params, unroll_layers, out_major)
 
     def init_state(params, rows):
         x = module.apply({"params": params}, rows, method=IAR2.embed_class)
-        cache = init_cache(cfg.gpt, rows.shape[0], cfg.num_tokens, cfg.compute_dtype)
+        cache = init_cache(cfg, rows.shape[0], cfg.num_tokens, cfg.compute_dtype)
         cache = constrain_cache(cache)
         buffer = jnp.zeros((rows.shape[0], cfg.num_tokens, cfg.dim // 12), cfg.compute_dtype)
         return {"x": x, "cache": cache, "buffer": buffer}

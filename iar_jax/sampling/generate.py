@@ -389,37 +389,12 @@ def parse_checkpoint(value: str):
 # A trained model in, samples out (`iar-jax sample`, the demo)
 
 
-def step_fns_for(family: str, module, model_cfg):
-    """The family's sampling step (see iar_jax.sampling.sampler.StepFns)."""
-    from iar_jax.families import get_family
-
-    fam = get_family(family)
-    if fam.sampling_step is None:
-        raise ValueError(f"model family {family!r} has no sampler step; use an IAR or IAR2 config")
-    return fam.sampling_step(module, model_cfg, True)
-
-
 def load_model_params(workdir: str, checkpoint: str, expect_meta):
     """(params, meta) of a train workdir or `iar-jax convert` output; `checkpoint` as parse_checkpoint."""
     from iar_jax import checkpointing
 
     step, ema = parse_checkpoint(checkpoint)
-    if step is None:
-        params, meta = checkpointing.load_params(workdir, expect_meta, ema=ema)
-        return params, meta
-    import orbax.checkpoint as ocp
-
-    ck_dir = os.path.join(workdir, "checkpoints") if os.path.isdir(os.path.join(workdir, "checkpoints")) else workdir
-    ck = checkpointing.Checkpointer(ck_dir, async_save=False)
-    if step not in ck.all_steps():
-        raise ValueError(f"no checkpoint for step {step} in {ck_dir}; available: {ck.all_steps()}")
-    meta = ck.read_meta(step)
-    checkpointing.check_kind(meta, expect_meta, os.path.join(ck_dir, str(step)))
-    state = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    key = "ema_params" if ema else "params"
-    if key not in state:
-        raise ValueError(f"checkpoint {ck_dir}/{step} has no {key}; train with --config.train.ema_decay>0 or drop :ema")
-    return state[key], dict(meta, step=step)
+    return checkpointing.load_params(workdir, expect_meta, ema=ema, step=step)
 
 
 def model_param_shardings(config, family, module, mesh):
@@ -430,6 +405,35 @@ def model_param_shardings(config, family, module, mesh):
     # Logical names only (no mesh context: shapes are traced, nothing is placed yet).
     boxed = jax.eval_shape(lambda r: family.init(module, r, dummy), jax.random.PRNGKey(0))["params"]
     return sharding.logical_shardings(boxed, mesh, config.mesh)
+
+
+def build_sampling(config, tokenizer: str, mesh, mapping_file: str = "", **spec_args):
+    """(spec, sample_fn, decode_fn, param_shardings) for the model `config` describes: the family's
+    sampler step with `make_spec(**spec_args)`, sharded on `mesh`, and the tokenizer's decoder
+    (IAR ids mapped back through `mapping_file` first). Checks the tokenizer's vocab against the model's."""
+    from iar_jax.families import get_family, load_mapping
+    from iar_jax.tokenizer.checkpoint import load_tokenizer
+
+    family = get_family(config.model_family)
+    if family.sampling_step is None:
+        raise ValueError(f"model family {family.name!r} has no sampler step; use an IAR or IAR2 config")
+    module, model_cfg = family.build(config)
+    step_fns = family.sampling_step(module, model_cfg, True)
+    spec = make_spec(step_fns.sub_tokens, **spec_args)
+    spec.validate(step_fns.vocab_sizes or None, step_fns.sub_tokens)
+
+    vq_cfg, vq_params = load_tokenizer(tokenizer)
+    model_vocab = (config.model.vocab_size,) + ((config.model.detail_vocab_size,) if vq_cfg.dual and
+                                                "detail_vocab_size" in config.model else ())
+    check_vocab(model_vocab, vq_cfg.vocab_sizes)
+    new_order = None
+    if mapping_file and not vq_cfg.dual:
+        new_order = np.argsort(load_mapping(mapping_file, int(config.model.vocab_size)))
+    param_shardings = model_param_shardings(config, family, module, mesh)
+    sample_fn = make_sharded_sampler(step_fns, spec, mesh, param_shardings)
+    decode_fn = make_decode_fn(vq_decoder(vq_cfg, jax.device_put(vq_params)), int(config.model.grid_size),
+                               vq_cfg.dual, new_order)
+    return spec, sample_fn, decode_fn, param_shardings
 
 
 def sample_from_workdir(config, workdir: str, tokenizer: str, out_dir: str, labels: np.ndarray, *,
@@ -445,42 +449,23 @@ def sample_from_workdir(config, workdir: str, tokenizer: str, out_dir: str, labe
     original codebook before decoding. `global_batch` 0 = 32 per device.
     """
     from iar_jax import sharding
-    from iar_jax.families import get_family, load_mapping
-    from iar_jax.tokenizer.checkpoint import load_tokenizer
     from iar_jax.trainer import structural_model_meta
 
-    family = get_family(config.model_family)
-    module, model_cfg = family.build(config)
-    step_fns = step_fns_for(config.model_family, module, model_cfg)
-    spec = make_spec(step_fns.sub_tokens, guidance, cfg_scale, cfg_start, cfg_end, w_attn, cfg_tokens, temperature,
-                     top_k, top_p)
-    spec.validate(step_fns.vocab_sizes or None, step_fns.sub_tokens)
-    num_classes = int(config.model.num_classes)
-
-    vq_cfg, vq_params = load_tokenizer(tokenizer)
-    model_vocab = (config.model.vocab_size,) + ((config.model.detail_vocab_size,) if vq_cfg.dual and
-                                                "detail_vocab_size" in config.model else ())
-    check_vocab(model_vocab, vq_cfg.vocab_sizes)
     if mapping_file is None:
         mapping_file = config.get("loss", {}).get("mapping_file", "")
-    new_order = None
-    if mapping_file and not vq_cfg.dual:
-        new_order = np.argsort(load_mapping(mapping_file, int(config.model.vocab_size)))
+    mesh = sharding.make_mesh(config.mesh)
+    spec, sample_fn, decode_fn, param_shardings = build_sampling(
+        config, tokenizer, mesh, mapping_file, guidance=guidance, cfg_scale=cfg_scale, cfg_start=cfg_start,
+        cfg_end=cfg_end, w_attn=w_attn, cfg_tokens=cfg_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
 
     expect = {"model_family": config.model_family, "model": structural_model_meta(config)}
     params, meta = load_model_params(workdir, checkpoint, expect)
     logging.info("model params from %s (%s)", workdir, {k: meta.get(k) for k in ("kind", "step", "source")})
-
-    mesh = sharding.make_mesh(config.mesh)
-    param_shardings = model_param_shardings(config, family, module, mesh)
     params = jax.device_put(params, param_shardings)
-
     global_batch = global_batch or 32 * jax.device_count()
-    sample_fn = make_sharded_sampler(step_fns, spec, mesh, param_shardings)
-    decode_fn = make_decode_fn(vq_decoder(vq_cfg, jax.device_put(vq_params)), int(config.model.grid_size),
-                               vq_cfg.dual, new_order)
     run_settings = {"checkpoint": checkpoint, "step": meta.get("step"), "spec": repr(spec),
                     "tokenizer": os.path.abspath(tokenizer), **(settings or {})}
     return generate(sample_fn, params, labels, out_dir, global_batch=global_batch, mesh=mesh, decode_fn=decode_fn,
-                    num_classes=num_classes, seed=seed, resize=resize, grid=grid, settings=run_settings,
+                    num_classes=int(config.model.num_classes), seed=seed, resize=resize, grid=grid,
+                    settings=run_settings,
                     progress=progress)

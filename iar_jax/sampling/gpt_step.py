@@ -54,42 +54,38 @@ def cast_params(params, dtype):
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def decode_params_fn(dtype, stacks=(), out_major_shapes=None):
-    """params -> what a sampler step reads: unboxed, each (part, n_layer) of `stacks` unstacked from
-    the nn.scan layout, kernels transposed to `out_major_shapes` when given (the out-major decode
-    model's abstract params), cast to the compute dtype (StepFns.prepare)."""
+def decode_model(module_cls, cfg, parts, abstract_params_fn, unroll_layers: bool = True,
+                 out_major: Optional[bool] = None):
+    """(module, config, prepare) of a family's decode model. The config has its layers unrolled
+    (`unroll_layers`) and, on CPU by default (`out_major=None`; unrolled layers only), output-major
+    kernels. `prepare` (StepFns.prepare) maps training-layout params to what a sampler step reads:
+    unboxed, each (part, n_layer) of `parts` unstacked from the nn.scan layout, kernels transposed
+    to the layout of `abstract_params_fn(config)`, cast to the compute dtype."""
+    scan = cfg.scan_layers and not unroll_layers
+    if out_major is None:
+        out_major = jax.default_backend() == "cpu" and not scan
+    elif out_major and scan:
+        raise ValueError("output-major decode kernels need unrolled layers; pass unroll_layers=True")
+    stacks = parts if cfg.scan_layers and not scan else ()
+    cfg = dataclasses.replace(cfg, scan_layers=scan, out_major_kernels=out_major)
+    out_major_shapes = abstract_params_fn(cfg) if out_major else None
+
     def prepare(params):
         params = nn.unbox(params)
         for part, n in stacks:
             params = unstack_layers(params, n, part)
         if out_major_shapes is not None:
             params = transpose_kernels(params, out_major_shapes)
-        return cast_params(params, dtype)
+        return cast_params(params, cfg.compute_dtype)
 
-    return prepare
-
-
-def decode_config(cfg, unroll_layers: bool, out_major: Optional[bool]):
-    """The decode model's config: layers unrolled (`unroll_layers`) and, on CPU by default
-    (`out_major=None`; unrolled layers only), output-major kernels. Returns (config, whether it
-    differs from `cfg`)."""
-    scan = cfg.scan_layers and not unroll_layers
-    if out_major is None:
-        out_major = jax.default_backend() == "cpu" and not scan
-    elif out_major and scan:
-        raise ValueError("output-major decode kernels need unrolled layers; pass unroll_layers=True")
-    new = dataclasses.replace(cfg, scan_layers=scan, out_major_kernels=out_major)
-    return new, new != cfg
+    return module_cls(cfg), cfg, prepare
 
 
 def step_fns(module: GPT, cfg: GPTConfig, unroll_layers: bool = True, out_major: Optional[bool] = None) -> StepFns:
     """The GPT's `StepFns`. Takes params in the training layout (nn.scan-stacked or not); the KV
-    cache layout is whatever `gpt.init_cache` builds for the decode config (`decode_config`)."""
-    stacks = (("transformer", cfg.n_layer),) if unroll_layers and cfg.scan_layers else ()
-    cfg, changed = decode_config(cfg, unroll_layers, out_major)
-    if changed:
-        module = GPT(cfg)
-    prepare = decode_params_fn(cfg.compute_dtype, stacks, abstract_params(cfg) if cfg.out_major_kernels else None)
+    cache layout is whatever `gpt.init_cache` builds for the decode config (`decode_model`)."""
+    module, cfg, prepare = decode_model(GPT, cfg, (("transformer", cfg.n_layer),), abstract_params,
+                                        unroll_layers, out_major)
 
     def init_state(params, rows):
         cache = init_cache(cfg, rows.shape[0], cfg.seq_len, cfg.compute_dtype)

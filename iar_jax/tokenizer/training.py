@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from iar_jax.tokenizer import discriminator as disc_lib
-from iar_jax.trainer import NonFiniteLossError, _Preemption
+from iar_jax.runtime import NonFiniteLossError, Preemption
 from iar_jax.tokenizer.quantizer import DualQuantizer, codebook_usage
 from iar_jax.tokenizer.vq_model import VQConfig, VQModel, build_model, check_images
 
@@ -585,7 +585,7 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
 
     step = start
     try:
-        with _Preemption(log_every) as preempt:
+        with Preemption(log_every) as preempt:
             while step < total:
                 if trainer.model_cfg.dual and step == trainer.recipe.stage1_steps and step > 0:
                     state = trainer.reset_for_stage2(state)  # fresh optimizers for stage 2, like the reference
