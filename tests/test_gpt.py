@@ -102,3 +102,49 @@ def test_converter_round_trip_and_strictness():
     bad = dict(sd, **{"norm.weight": np.ones(31, np.float32)})
     with pytest.raises(ConversionError, match=r"mis-shaped keys: norm\.weight"):
         from_torch(bad, "llamagen_gpt", cfg)
+
+
+@pytest.mark.parametrize("x_shape,w_shape", [((2, 5, 3), (3, 7)),  # in <= out: transposes x
+                                             ((2, 5, 6), (6, 4)),  # in > out: transposes g
+                                             ((2, 5, 3, 4), (3, 4, 6))])  # two contracted axes (wo)
+def test_cpu_dot_general_value_and_grads_by_hand(x_shape, w_shape):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    k = len(w_shape) - 1
+    dims = ((tuple(range(x.ndim - k, x.ndim)), tuple(range(k))), ((), ()))
+    c = rng.standard_normal(x_shape[:x.ndim - k] + w_shape[k:]).astype(np.float32)
+    loss = lambda x, w: jnp.sum(c * gpt.cpu_dot_general(x, w, dims))
+    y = gpt.cpu_dot_general(jnp.asarray(x), jnp.asarray(w), dims)
+    dx, dw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+    x2 = x.reshape(-1, int(np.prod(w_shape[:k]))).astype(np.float64)
+    w2 = w.reshape(x2.shape[1], -1).astype(np.float64)
+    g2 = c.reshape(x2.shape[0], -1).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(y).reshape(g2.shape), x2 @ w2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx).reshape(x2.shape), g2 @ w2.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw).reshape(w2.shape), x2.T @ g2, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_dot_general_passes_batched_contractions_through():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    b = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    dims = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_allclose(np.asarray(gpt.cpu_dot_general(a, b, dims)), np.einsum("bij,bjk->bik", a, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_causal_attention_value_and_grads_match_naive_attention():
+    rng = np.random.default_rng(2)
+    q, k, v, c = (jnp.asarray(rng.standard_normal((2, 3, 5, 4)).astype(np.float32)) for _ in range(4))
+
+    def naive(q, k, v):  # softmax over keys j <= i, written out independently
+        s = jnp.einsum("bhid,bhjd->bhij", q, k) / 2.0
+        s = jnp.where(np.tril(np.ones((5, 5), bool)), s, -jnp.inf)
+        e = jnp.exp(s - s.max(-1, keepdims=True))
+        return jnp.einsum("bhij,bhjd->bhid", e / e.sum(-1, keepdims=True), v)
+
+    got = jax.value_and_grad(lambda *a: jnp.sum(c * gpt.causal_attention(*a)), argnums=(0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(lambda *a: jnp.sum(c * naive(*a)), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

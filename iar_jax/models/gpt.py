@@ -140,6 +140,54 @@ class RMSNorm(nn.Module):
         return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
 
 
+def _cpu_layouts() -> bool:
+    """Trace-time switch for the hand-written VJPs below (`cpu_dot_general`, `causal_attention`):
+    they fix operand layouts for XLA:CPU; GPU/TPU compilers choose layouts themselves."""
+    return jax.default_backend() == "cpu"
+
+
+@jax.custom_vjp
+def _matmul_row_major_grads(x, w):
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    bar = jax.lax.optimization_barrier
+    # A weight gradient contracts the rows, the major axis of both operands. Left alone, XLA:CPU
+    # transposes one operand inside the fusion that produces it (strided writes, ~1 GB/s) or falls
+    # back to a slower dot; an explicit transpose of the smaller of x and g, kept apart from the
+    # product by a barrier, makes it a plain [in, rows] @ [rows, out] product.
+    if x.shape[1] <= g.shape[1]:
+        dw = bar(x.T) @ g
+    else:
+        dw = bar(bar(g.T) @ x).T
+    return g @ w.T, dw
+
+
+_matmul_row_major_grads.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """lax.dot_general for a bias-free Dense (lhs trailing axes x kernel leading axes, no batch
+    axes) with the weight gradient laid out for XLA:CPU's matmul (`_matmul_bwd`); other contractions
+    go to lax.dot_general unchanged. Same values as lax.dot_general up to fp32 summation order."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    k = len(lc)
+    if (lb or rb or precision is not None or preferred_element_type is not None
+            or tuple(lc) != tuple(range(lhs.ndim - k, lhs.ndim)) or tuple(rc) != tuple(range(k))):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    lead, out = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
+    kdim = int(np.prod(rhs.shape[:k]))
+    y = _matmul_row_major_grads(lhs.reshape(-1, kdim), rhs.reshape(kdim, -1))
+    return y.reshape(lead + out)
+
+
 def _dense(features, axes, name, dtype, in_axis=-1, kernel_init=_INIT, out_major=False):
     if out_major:
         n_in = 1 if isinstance(in_axis, int) else len(in_axis)
@@ -152,6 +200,7 @@ def _dense(features, axes, name, dtype, in_axis=-1, kernel_init=_INIT, out_major
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        dot_general=cpu_dot_general if _cpu_layouts() else None,
         name=name,
     )
 
@@ -213,6 +262,40 @@ def _constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
 
+def _causal_probs(q, k):
+    """Softmax (fp32) of the causal scores of queries q [B, H, Lq, Dh], the last Lq of the keys
+    k [B, H, S, Dh], over the keys: [B, H, Lq, S]."""
+    lq, S = q.shape[2], k.shape[2]
+    s = jnp.einsum("bhld,bhsd->bhls", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1]).astype(np.float32)
+    causal = jnp.arange(S)[None, :] <= jnp.arange(S - lq, S)[:, None]
+    return jax.nn.softmax(jnp.where(causal, s, jnp.finfo(jnp.float32).min), axis=-1)
+
+
+@jax.custom_vjp
+def causal_attention(q, k, v):
+    """Causal softmax attention over head-major q, k, v [B, H, L, Dh] -> [B, H, L, Dh], fp32
+    softmax. Its VJP is written out (the softmax backward over the saved probabilities) so every
+    product is a plain batched matmul; XLA:CPU's own VJP transposes operands in between."""
+    return _causal_attention_fwd(q, k, v)[0]
+
+
+def _causal_attention_fwd(q, k, v):
+    p = _causal_probs(q, k)
+    return jnp.einsum("bhls,bhsd->bhld", p.astype(v.dtype), v), (q, k, v, p)
+
+
+def _causal_attention_bwd(res, g):
+    q, k, v, p = res
+    dt = v.dtype
+    dv = jnp.einsum("bhls,bhld->bhsd", p.astype(dt), g)
+    dp = jnp.einsum("bhld,bhsd->bhls", g, v).astype(jnp.float32)
+    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) / np.sqrt(q.shape[-1]).astype(np.float32)).astype(dt)
+    return jnp.einsum("bhls,bhsd->bhld", ds, k), jnp.einsum("bhls,bhld->bhsd", ds, q), dv
+
+
+causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
 class Attention(nn.Module):
     cfg: GPTConfig
 
@@ -235,22 +318,24 @@ class Attention(nn.Module):
         v = _constrain(v, ("batch", "length", "heads", "kv"))
         L = x.shape[1]
         neg = jnp.finfo(jnp.float32).min
+        # Head-major operands: batched products over (B, H); the decode reads the cache in its own layout.
+        qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, L, Dh]
         if cache_kv is None:
-            mask = jnp.arange(L)[None, :] <= jnp.arange(L)[:, None]  # [L, L]
-            scores = jnp.einsum("blhd,bshd->bhls", q, k).astype(jnp.float32)
-            scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
-            scores = jnp.where(mask[None, None], scores, neg)
-            probs = jax.nn.softmax(scores, axis=-1)  # fp32 softmax
-            attn0 = jnp.mean(probs[:, :, -1, 0], axis=1)  # last query -> class key, head-mean
-            if cfg.attn_dropout > 0:
-                probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=not train)
-            out = jnp.einsum("bhls,bshd->blhd", probs.astype(dt), v)
+            if _cpu_layouts() and not (train and cfg.attn_dropout > 0):
+                out = causal_attention(qh, kh, vh)
+                # The probabilities stay inside the core's VJP; only the last query's row is needed here.
+                attn0 = jnp.mean(_causal_probs(qh[:, :, -1:], kh)[:, :, 0, 0], axis=1)
+            else:
+                probs = _causal_probs(qh, kh)
+                attn0 = jnp.mean(probs[:, :, -1, 0], axis=1)  # last query -> class key, head-mean
+                if cfg.attn_dropout > 0:
+                    probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=not train)
+                out = jnp.einsum("bhls,bhsd->bhld", probs.astype(dt), vh)
+            out = jnp.swapaxes(out, 1, 2)
             new_kv = None
         else:
             ck, cv = cache_kv
             S = ck.shape[2]
-            # Head-major operands: the products read the cache in its own layout (no transposed copy).
-            qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, L, Dh]
             inv = np.float32(1.0 / np.sqrt(cfg.head_dim))
             s_old = jnp.einsum("bhld,bhsd->bhls", qh, ck.astype(dt)).astype(jnp.float32) * inv
             s_old = jnp.where((jnp.arange(S) < start)[None, None, None, :], s_old, neg)
