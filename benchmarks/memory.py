@@ -29,13 +29,14 @@ def main():
 
     from iar_jax import trainer as trainer_lib
     from iar_jax.config_lib import load_config
+    from iar_jax.models import gpt
 
     config = load_config(args.config, **{"train.global_batch": args.batch, "model.dtype": args.dtype})
     tr = trainer_lib.Trainer(config, jax.devices()[: args.devices])
     state = tr.abstract_sharded_state()
     batch = {k: jax.ShapeDtypeStruct((args.batch,) + tuple(s), d, sharding=tr.batch_shardings[k])
              for k, (s, d) in tr.spec.items()}
-    with tr._ctx():
+    with tr._ctx(), gpt.cpu_vjps(False):  # the program an accelerator runs, not the CPU-tuned VJPs
         compiled = tr._jit_step.lower(state, batch).compile()
     ma = compiled.memory_analysis()
     total = ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes

@@ -22,9 +22,9 @@ import common
 
 common.add_repo_to_path()
 
-from iar_jax.hugepages import reexec_with_huge_pages  # noqa: E402
+from iar_jax import hugepages  # noqa: E402
 
-reexec_with_huge_pages()  # as the iar-jax CLI runs (IAR_JAX_HUGE_PAGES=0: without)
+hugepages.reexec_with_huge_pages()  # as the iar-jax CLI runs (IAR_JAX_HUGE_PAGES=0: without)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -125,7 +125,7 @@ def main():
             "device": getattr(dev, "device_kind", ""),
             # Shared machines: the 1-minute load average when the run ended (timings scale with it).
             "load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
+            "huge_pages": hugepages.enabled(),
         })
     common.emit(runs[0] if len(runs) == 1 else {"runs": runs})
 

@@ -10,16 +10,15 @@ rematerialisation. On CPU there is no published peak, so `mfu` is reported only 
 accelerators.
 """
 import argparse
-import os
 import time
 
 import common
 
 common.add_repo_to_path()
 
-from iar_jax.hugepages import reexec_with_huge_pages  # noqa: E402
+from iar_jax import hugepages  # noqa: E402
 
-reexec_with_huge_pages()  # as the iar-jax CLI runs (IAR_JAX_HUGE_PAGES=0: without)
+hugepages.reexec_with_huge_pages()  # as the iar-jax CLI runs (IAR_JAX_HUGE_PAGES=0: without)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -65,7 +64,7 @@ def main():
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "model_tflops_per_step": round(flops / 1e12, 4), "achieved_tflops": round(flops / step_s / 1e12, 4),
         "first_step_s": round(compile_s, 2), "loss": float(metrics["loss"]),
-        "huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
+        "huge_pages": hugepages.enabled(),
     }
     peak = common.device_peak_flops(jax.devices()[0])
     if peak:

@@ -1,4 +1,6 @@
 """LlamaGen GPT: published parameter counts, RoPE table, KV-cache decoding, converter."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +150,24 @@ def test_causal_attention_value_and_grads_match_naive_attention():
     want = jax.value_and_grad(lambda *a: jnp.sum(c * naive(*a)), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_cpu_vjps_match_the_plain_model(remat):
+    """The CPU VJPs (Dense products, causal attention) change the program, not the logits or the
+    parameter gradients of the whole model."""
+    cfg = dataclasses.replace(_tiny(True), remat=remat)
+    model = gpt.GPT(cfg)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 9), jnp.int32), jnp.zeros((2,), jnp.int32))["params"]
+    codes = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 32)
+    labels = jnp.array([4, 0])
+    c = jax.random.normal(jax.random.PRNGKey(2), (2, 9, cfg.vocab_size))
+    loss = lambda p: jnp.sum(c * model.apply({"params": p}, codes, labels))
+    out = {}
+    for on in (True, False):
+        with gpt.cpu_vjps(on):
+            jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+            out[on] = jax.value_and_grad(loss)(params)
+        assert ("optimization_barrier" in jaxpr) == on  # only the CPU Dense VJP has barriers
+    for g, w in zip(jax.tree_util.tree_leaves(out[True]), jax.tree_util.tree_leaves(out[False])):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)

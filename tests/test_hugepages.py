@@ -12,11 +12,12 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or platform
                                 reason="glibc tunables exist only on Linux/glibc")
 
 _PROBE = ("import os; print('started', flush=True); from iar_jax.hugepages import reexec_with_huge_pages; "
-          "reexec_with_huge_pages(); print('tunables', os.environ.get('GLIBC_TUNABLES'))")
+          "reexec_with_huge_pages(); from iar_jax.hugepages import enabled; "
+          "print('tunables', os.environ.get('GLIBC_TUNABLES'), enabled())")
 
 
 def _run(**env):
-    full = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "IAR_JAX_HUGE_PAGES")}
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "IAR_JAX_HUGE_PAGES"))}
     full.update(env)
     root = os.path.dirname(os.path.dirname(os.path.abspath(hugepages.__file__)))
     full["PYTHONPATH"] = root + os.pathsep + full.get("PYTHONPATH", "")
@@ -28,12 +29,12 @@ def test_reexecs_once_with_the_tunable():
     lines = _run()
     # The first run prints 'started' and re-execs; the second sees the tunable and goes on.
     assert lines.count("started") == 2
-    assert "tunables glibc.malloc.hugetlb=1" in lines
+    assert "tunables glibc.malloc.hugetlb=1 True" in lines
 
 
 def test_keeps_other_tunables_and_respects_opt_out():
-    assert "tunables glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1" in _run(GLIBC_TUNABLES="glibc.malloc.arena_max=2")
+    assert "tunables glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1 True" in _run(GLIBC_TUNABLES="glibc.malloc.arena_max=2")
     lines = _run(IAR_JAX_HUGE_PAGES="0")
-    assert lines.count("started") == 1 and "tunables None" in lines
+    assert lines.count("started") == 1 and "tunables None False" in lines
     lines = _run(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")  # the user's own setting wins
-    assert lines.count("started") == 1 and "tunables glibc.malloc.hugetlb=0" in lines
+    assert lines.count("started") == 1 and "tunables glibc.malloc.hugetlb=0 False" in lines

@@ -15,6 +15,7 @@ in place (`_write_kv`) after the attention has read the old entries.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Dict, Optional, Tuple
@@ -140,52 +141,68 @@ class RMSNorm(nn.Module):
         return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
 
 
-def _cpu_layouts() -> bool:
+_CPU_VJPS: Optional[bool] = None
+
+
+def use_cpu_vjps() -> bool:
     """Trace-time switch for the hand-written VJPs below (`cpu_dot_general`, `causal_attention`):
-    they fix operand layouts for XLA:CPU; GPU/TPU compilers choose layouts themselves."""
-    return jax.default_backend() == "cpu"
+    they fix operand layouts for XLA:CPU, so they are on for the cpu backend only (GPU/TPU
+    compilers choose layouts themselves) unless `cpu_vjps(...)` says otherwise."""
+    return jax.default_backend() == "cpu" if _CPU_VJPS is None else _CPU_VJPS
 
 
-@jax.custom_vjp
-def _matmul_row_major_grads(x, w):
-    return x @ w
+@contextlib.contextmanager
+def cpu_vjps(enabled: bool):
+    """Trace with the CPU VJPs on or off, e.g. off to compile on CPU the program an accelerator runs."""
+    global _CPU_VJPS
+    old, _CPU_VJPS = _CPU_VJPS, enabled
+    try:
+        yield
+    finally:
+        _CPU_VJPS = old
 
 
-def _matmul_fwd(x, w):
-    return x @ w, (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_product(x, w, k):
+    return jnp.tensordot(x, w, k)
 
 
-def _matmul_bwd(res, g):
+def _dense_product_fwd(x, w, k):
+    return jnp.tensordot(x, w, k), (x, w)
+
+
+def _dense_product_bwd(k, res, g):
     x, w = res
+    nl, no = x.ndim - k, w.ndim - k  # x [*lead, *in], w [*in, *out], g [*lead, *out]
     bar = jax.lax.optimization_barrier
-    # A weight gradient contracts the rows, the major axis of both operands. Left alone, XLA:CPU
-    # transposes one operand inside the fusion that produces it (strided writes, ~1 GB/s) or falls
-    # back to a slower dot; an explicit transpose of the smaller of x and g, kept apart from the
-    # product by a barrier, makes it a plain [in, rows] @ [rows, out] product.
-    if x.shape[1] <= g.shape[1]:
-        dw = bar(x.T) @ g
+    # The weight gradient contracts the rows (the lead axes), the major axes of both operands.
+    # Left alone, XLA:CPU transposes one operand inside the fusion that produces it (strided
+    # writes, ~1 GB/s) or falls back to a slower dot; an explicit transpose of the smaller of x and
+    # g, kept apart from the product by a barrier, makes it a plain [in, rows] @ [rows, out] product.
+    if np.prod(x.shape[nl:]) <= np.prod(g.shape[nl:]):
+        dw = jnp.tensordot(bar(jnp.moveaxis(x, range(nl), range(k, k + nl))), g, nl)
     else:
-        dw = bar(bar(g.T) @ x).T
-    return g @ w.T, dw
+        dwt = bar(jnp.tensordot(bar(jnp.moveaxis(g, range(nl), range(no, no + nl))), x, nl))  # [*out, *in]
+        dw = jnp.moveaxis(dwt, range(no), range(k, k + no))
+    dx = jnp.tensordot(g, w, (tuple(range(nl, nl + no)), tuple(range(k, k + no))))
+    return dx, dw
 
 
-_matmul_row_major_grads.defvjp(_matmul_fwd, _matmul_bwd)
+_dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
 
 
 def cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """lax.dot_general for a bias-free Dense (lhs trailing axes x kernel leading axes, no batch
-    axes) with the weight gradient laid out for XLA:CPU's matmul (`_matmul_bwd`); other contractions
-    go to lax.dot_general unchanged. Same values as lax.dot_general up to fp32 summation order."""
+    axes) with the weight gradient laid out for XLA:CPU's matmul (`_dense_product_bwd`); other
+    contractions go to lax.dot_general unchanged. Same values up to fp32 summation order. No
+    reshapes, so sharded kernel axes (heads) stay as they are."""
     (lc, rc), (lb, rb) = dimension_numbers
     k = len(lc)
     if (lb or rb or precision is not None or preferred_element_type is not None
             or tuple(lc) != tuple(range(lhs.ndim - k, lhs.ndim)) or tuple(rc) != tuple(range(k))):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
-    lead, out = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
-    kdim = int(np.prod(rhs.shape[:k]))
-    y = _matmul_row_major_grads(lhs.reshape(-1, kdim), rhs.reshape(kdim, -1))
-    return y.reshape(lead + out)
+    return _dense_product(lhs, rhs, k)
 
 
 def _dense(features, axes, name, dtype, in_axis=-1, kernel_init=_INIT, out_major=False):
@@ -200,7 +217,7 @@ def _dense(features, axes, name, dtype, in_axis=-1, kernel_init=_INIT, out_major
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        dot_general=cpu_dot_general if _cpu_layouts() else None,
+        dot_general=cpu_dot_general if use_cpu_vjps() else None,
         name=name,
     )
 
@@ -321,7 +338,7 @@ class Attention(nn.Module):
         # Head-major operands: batched products over (B, H); the decode reads the cache in its own layout.
         qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, L, Dh]
         if cache_kv is None:
-            if _cpu_layouts() and not (train and cfg.attn_dropout > 0):
+            if use_cpu_vjps() and not (train and cfg.attn_dropout > 0):
                 out = causal_attention(qh, kh, vh)
                 # The probabilities stay inside the core's VJP; only the last query's row is needed here.
                 attn0 = jnp.mean(_causal_probs(qh[:, :, -1:], kh)[:, :, 0, 0], axis=1)
