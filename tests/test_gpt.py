@@ -152,11 +152,10 @@ def test_causal_attention_value_and_grads_match_naive_attention():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["none", "dots"])
-def test_cpu_vjps_match_the_plain_model(remat):
+def test_cpu_vjps_match_the_plain_model():
     """The CPU VJPs (Dense products, causal attention) change the program, not the logits or the
-    parameter gradients of the whole model."""
-    cfg = dataclasses.replace(_tiny(True), remat=remat)
+    parameter gradients of the whole model (scanned, rematerialised layers)."""
+    cfg = dataclasses.replace(_tiny(True), remat="dots")
     model = gpt.GPT(cfg)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 9), jnp.int32), jnp.zeros((2,), jnp.int32))["params"]
     codes = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 32)
