@@ -36,7 +36,7 @@ def main():
     state = tr.abstract_sharded_state()
     batch = {k: jax.ShapeDtypeStruct((args.batch,) + tuple(s), d, sharding=tr.batch_shardings[k])
              for k, (s, d) in tr.spec.items()}
-    with tr._ctx(), gpt.cpu_vjps(False):  # the program an accelerator runs, not the CPU-tuned VJPs
+    with tr._ctx(), gpt.cpu_layouts(False):  # the program an accelerator runs, not the CPU-tuned VJPs
         compiled = tr._jit_step.lower(state, batch).compile()
     ma = compiled.memory_analysis()
     total = ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes

@@ -12,8 +12,6 @@ class NonFiniteLossError(FloatingPointError):
     """A training loss became NaN/inf; the CLI prints it as one line."""
 
 
-
-
 def _launched_multi_process() -> bool:
     # The launchers JAX auto-detects: Cloud TPU pods, SLURM, Open MPI.
     if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):

@@ -20,8 +20,8 @@ import numpy as np
 import optax
 
 from iar_jax import checkpointing, sharding
-from iar_jax.runtime import NonFiniteLossError, Preemption
 from iar_jax.families import Family, get_family
+from iar_jax.runtime import NonFiniteLossError, Preemption
 
 
 # ----------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_cpu_vjps_match_the_plain_model():
     loss = lambda p: jnp.sum(c * model.apply({"params": p}, codes, labels))
     out = {}
     for on in (True, False):
-        with gpt.cpu_vjps(on):
+        with gpt.cpu_layouts(on):
             jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
             out[on] = jax.value_and_grad(loss)(params)
         assert ("optimization_barrier" in jaxpr) == on  # only the CPU Dense VJP has barriers

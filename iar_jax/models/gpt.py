@@ -141,25 +141,26 @@ class RMSNorm(nn.Module):
         return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
 
 
-_CPU_VJPS: Optional[bool] = None
+_CPU_LAYOUTS: Optional[bool] = None
 
 
-def use_cpu_vjps() -> bool:
-    """Trace-time switch for the hand-written VJPs below (`cpu_dot_general`, `causal_attention`):
-    they fix operand layouts for XLA:CPU, so they are on for the cpu backend only (GPU/TPU
-    compilers choose layouts themselves) unless `cpu_vjps(...)` says otherwise."""
-    return jax.default_backend() == "cpu" if _CPU_VJPS is None else _CPU_VJPS
+def use_cpu_layouts() -> bool:
+    """Trace-time switch for the XLA:CPU-specific programs: the hand-written training VJPs below
+    (`cpu_dot_general`, `causal_attention`) and the samplers' output-major decode kernels
+    (`OutMajorDense`, chosen in `iar_jax.sampling.gpt_step.decode_model`). On for the cpu backend
+    only (GPU/TPU compilers choose layouts themselves) unless `cpu_layouts(...)` says otherwise."""
+    return jax.default_backend() == "cpu" if _CPU_LAYOUTS is None else _CPU_LAYOUTS
 
 
 @contextlib.contextmanager
-def cpu_vjps(enabled: bool):
-    """Trace with the CPU VJPs on or off, e.g. off to compile on CPU the program an accelerator runs."""
-    global _CPU_VJPS
-    old, _CPU_VJPS = _CPU_VJPS, enabled
+def cpu_layouts(enabled: bool):
+    """Trace with the CPU-specific programs on or off, e.g. off to compile on CPU what an accelerator runs."""
+    global _CPU_LAYOUTS
+    old, _CPU_LAYOUTS = _CPU_LAYOUTS, enabled
     try:
         yield
     finally:
-        _CPU_VJPS = old
+        _CPU_LAYOUTS = old
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -217,7 +218,7 @@ def _dense(features, axes, name, dtype, in_axis=-1, kernel_init=_INIT, out_major
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        dot_general=cpu_dot_general if use_cpu_vjps() else None,
+        dot_general=cpu_dot_general if use_cpu_layouts() else None,
         name=name,
     )
 
@@ -338,7 +339,7 @@ class Attention(nn.Module):
         # Head-major operands: batched products over (B, H); the decode reads the cache in its own layout.
         qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, L, Dh]
         if cache_kv is None:
-            if use_cpu_vjps() and not (train and cfg.attn_dropout > 0):
+            if use_cpu_layouts() and not (train and cfg.attn_dropout > 0):
                 out = causal_attention(qh, kh, vh)
                 # The probabilities stay inside the core's VJP; only the last query's row is needed here.
                 attn0 = jnp.mean(_causal_probs(qh[:, :, -1:], kh)[:, :, 0, 0], axis=1)

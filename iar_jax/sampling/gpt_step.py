@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iar_jax.models.gpt import GPT, GPTConfig, abstract_params, init_cache, transpose_kernels
+from iar_jax.models.gpt import GPT, GPTConfig, abstract_params, init_cache, transpose_kernels, use_cpu_layouts
 from iar_jax.sampling.sampler import StepFns
 
 
@@ -63,7 +63,7 @@ def decode_model(module_cls, cfg, parts, abstract_params_fn, unroll_layers: bool
     to the layout of `abstract_params_fn(config)`, cast to the compute dtype."""
     scan = cfg.scan_layers and not unroll_layers
     if out_major is None:
-        out_major = jax.default_backend() == "cpu" and not scan
+        out_major = use_cpu_layouts() and not scan
     elif out_major and scan:
         raise ValueError("output-major decode kernels need unrolled layers; pass unroll_layers=True")
     stacks = parts if cfg.scan_layers and not scan else ()
