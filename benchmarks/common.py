@@ -31,5 +31,10 @@ def add_repo_to_path():
     return root
 
 
+def huge_pages() -> bool:
+    """Whether glibc's malloc was started with 2 MiB pages (see the README's CPU notes)."""
+    return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
 def emit(result: dict) -> None:
     print(json.dumps(result, sort_keys=True))

@@ -22,14 +22,11 @@ import common
 
 common.add_repo_to_path()
 
-from iar_jax import hugepages  # noqa: E402
-
-hugepages.reexec_with_huge_pages()  # as the iar-jax CLI runs (IAR_JAX_HUGE_PAGES=0: without)
-
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from iar_jax import runtime  # noqa: E402
 from iar_jax.config_lib import load_config  # noqa: E402
 from iar_jax.families import get_family  # noqa: E402
 from iar_jax.sampling import guidance, sampler  # noqa: E402
@@ -70,9 +67,11 @@ def main():
     ap.add_argument("--unroll", type=int, default=1, help="1: per-layer weights in the decode; 0: nn.scan layout")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after compilation (best reported)")
     ap.add_argument("--bandwidth_mib", type=int, default=512, help="array size for the bandwidth measurement")
+    ap.add_argument("--kernels", default="auto", help="model.kernels: auto | xla | xla_cpu")
     args = ap.parse_args()
 
-    config = load_config(args.config, **{"model.dtype": args.dtype})
+    config = runtime.resolve_kernels(load_config(args.config, **{"model.dtype": args.dtype,
+                                                                 "model.kernels": args.kernels}))
     family = get_family(config.model_family)
     if family.sampling_step is None or family.decode_bytes is None:
         raise SystemExit(f"model family {family.name!r} has no sampling step / decode costs; use configs/iar.py "
@@ -121,11 +120,11 @@ def main():
             "ratio_to_floor_kv": round(seconds / floor_kv_s, 3), "step_ms": round(1e3 * seconds / T, 3),
             "compile_s": round(compile_s, 1), "bandwidth_gbs": round(bw / 1e9, 2),
             "weight_mib": round(wbytes / 2**20, 1), "batch": B, "cfg": args.cfg, "steps": T, "dtype": args.dtype,
-            "config": config.size, "unroll": args.unroll, "platform": dev.platform,
+            "config": config.size, "unroll": args.unroll, "kernels": mcfg.kernels, "platform": dev.platform,
             "device": getattr(dev, "device_kind", ""),
             # Shared machines: the 1-minute load average when the run ended (timings scale with it).
             "load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "huge_pages": hugepages.enabled(),
+            "huge_pages": common.huge_pages(),
         })
     common.emit(runs[0] if len(runs) == 1 else {"runs": runs})
 

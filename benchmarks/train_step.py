@@ -16,14 +16,10 @@ import common
 
 common.add_repo_to_path()
 
-from iar_jax import hugepages  # noqa: E402
-
-hugepages.reexec_with_huge_pages()  # as the iar-jax CLI runs (IAR_JAX_HUGE_PAGES=0: without)
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from iar_jax import trainer as trainer_lib  # noqa: E402
+from iar_jax import runtime, trainer as trainer_lib  # noqa: E402
 from iar_jax.config_lib import load_config  # noqa: E402
 
 
@@ -33,12 +29,14 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="compute dtype override (float32 | bfloat16)")
+    ap.add_argument("--kernels", default="auto", help="model.kernels: auto | xla | xla_cpu")
+    ap.add_argument("--attention", default="dot_product", help="model.attention: dot_product | pallas_flash")
     args = ap.parse_args()
     on_cpu = jax.devices()[0].platform == "cpu"
-    overrides = {"train.global_batch": args.batch}
+    overrides = {"train.global_batch": args.batch, "model.kernels": args.kernels, "model.attention": args.attention}
     if args.dtype or on_cpu:
         overrides["model.dtype"] = args.dtype or "float32"
-    config = load_config(args.config, **overrides)
+    config = runtime.resolve_kernels(load_config(args.config, **overrides))
     tr = trainer_lib.Trainer(config)
     state = tr.init_state(0)
     src = trainer_lib.make_source(config, tr.spec)
@@ -61,10 +59,11 @@ def main():
     result = {
         "config": args.config, "batch": args.batch, "device": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(), "dtype": config.model.dtype,
+        "kernels": config.model.kernels, "attention": config.model.attention,
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "model_tflops_per_step": round(flops / 1e12, 4), "achieved_tflops": round(flops / step_s / 1e12, 4),
         "first_step_s": round(compile_s, 2), "loss": float(metrics["loss"]),
-        "huge_pages": hugepages.enabled(),
+        "huge_pages": common.huge_pages(),
     }
     peak = common.device_peak_flops(jax.devices()[0])
     if peak:

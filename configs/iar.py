@@ -37,10 +37,18 @@ def mesh_config(data=-1, fsdp=1, tensor=1):
     mesh = ml_collections.ConfigDict()
     # Axis sizes; one may be -1 (= the remaining devices). data x fsdp x tensor must equal the count.
     mesh.data, mesh.fsdp, mesh.tensor = data, fsdp, tensor
-    # Logical -> mesh axis rules (MaxText style). Params: 'embed' is split over fsdp (ZeRO-3);
-    # 'heads'/'mlp'/'vocab' over tensor. Activations: batch over data and fsdp.
+    # Logical -> mesh axis rules (MaxText style). Parameters: 'embed' is split over fsdp (ZeRO-3:
+    # all-gathered per layer, gradients reduce-scattered); 'heads'/'mlp'/'vocab' over tensor.
+    # Activations have names of their own ('act_*'): batch over data and fsdp, features replicated
+    # except the tensor-parallel heads/mlp/vocab.
     mesh.rules = (
-        ("batch", ("data", "fsdp")),
+        ("act_batch", ("data", "fsdp")),
+        ("act_length", None),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_kv", None),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
         ("embed", "fsdp"),
         ("heads", "tensor"),
         ("mlp", "tensor"),
@@ -117,6 +125,10 @@ def base_config(family: str, arg, sizes, vocab, grid):
     m.class_dropout = 0.1
     m.dtype = "float32" if tiny else "bfloat16"  # compute dtype; params stay fp32
     m.scan_layers = True
+    # auto: the entry points (CLI, benchmarks) use the XLA:CPU-tuned programs when they compile for
+    # CPU devices and "xla" (what accelerators run) otherwise; library code reads auto as "xla".
+    m.kernels = "auto"
+    m.attention = "dot_product"  # dot_product (cuDNN flash on GPU, fused XLA on TPU) | pallas_flash (TPU)
     m.remat = "none" if size in ("tiny", "b", "l") else "full"
     return c, size, opts, tiny
 

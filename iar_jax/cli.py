@@ -25,10 +25,6 @@ def _usage() -> str:
 
 
 def main(argv=None) -> None:
-    if argv is None:  # the console script itself, not a caller in this process
-        from iar_jax.hugepages import reexec_with_huge_pages
-
-        reexec_with_huge_pages()
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
         print(_usage())

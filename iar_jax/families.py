@@ -60,6 +60,8 @@ def model_kwargs(model_cfg_cls, section) -> Dict[str, Any]:
     """Fields of a model dataclass taken from a config section (unknown keys are errors)."""
     fields = {f.name for f in dataclasses.fields(model_cfg_cls)}
     d = dict(section)
+    if d.get("kernels") == "auto":  # resolved by the entry points (`runtime.resolve_kernels`) when they know the devices
+        d["kernels"] = "xla"
     unknown = set(d) - fields
     if unknown:
         raise ValueError(f"unknown config.model fields {sorted(unknown)}; valid: {sorted(fields)}")

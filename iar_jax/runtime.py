@@ -34,6 +34,16 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def resolve_kernels(config, devices=None):
+    """`model.kernels=auto` -> "xla_cpu" when every device the program is compiled for is a CPU,
+    else "xla" (never keyed on the host backend). For entry points; returns the config."""
+    m = config.model
+    if m.get("kernels") == "auto":
+        devices = jax.devices() if devices is None else devices
+        m.kernels = "xla_cpu" if all(d.platform == "cpu" for d in devices) else "xla"
+    return config
+
+
 def setup() -> None:
     """`jax.distributed.initialize()` when launched as one of several processes; elsewhere (e.g.
     several processes on one GPU node or CPU) set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and

@@ -145,7 +145,7 @@ class Trainer:
             # Micro-batch i takes rows i, i+m, i+2m, ...: every chunk stays spread over all devices.
             def split(x):
                 x = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
-                return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+                return nn.with_logical_constraint(x, (None, "act_batch") + (None,) * (x.ndim - 2))
 
             micro = jax.tree_util.tree_map(split, batch)
 

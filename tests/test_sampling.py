@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iar_jax.models import gpt
+from iar_jax.models import cpu_kernels, gpt
 from iar_jax.sampling import filtering, gpt_step, guidance, sampler
 from iar_jax.sampling.filtering import SamplingConfig
 from iar_jax.sampling.sampler import SamplerSpec, SubToken
@@ -338,7 +338,7 @@ def test_out_major_kernels_are_transposes(model):
     _, params = model
     flat = gpt_step.unstack_layers(params, CFG.n_layer)
     _, cfg, _ = gpt_step.decode_model(gpt.GPT, CFG, (), gpt.abstract_params, out_major=True)
-    om = gpt.transpose_kernels(flat, gpt.abstract_params(cfg))
+    om = cpu_kernels.transpose_kernels(flat, gpt.abstract_params(cfg))
     blk, src = om["transformer"]["layers_1"], flat["transformer"]["layers_1"]
     np.testing.assert_array_equal(om["output"]["kernel_t"], np.asarray(params["output"]["kernel"]).T)
     np.testing.assert_array_equal(blk["attention"]["wo"]["kernel_t"],
@@ -351,7 +351,7 @@ def test_out_major_kernels_are_transposes(model):
     np.testing.assert_array_equal(blk["feed_forward"]["w2"]["kernel_t"], np.asarray(ff["w2"]["kernel"]).T)
     np.testing.assert_array_equal(om["tok_embeddings"]["embedding"], params["tok_embeddings"]["embedding"])
     with pytest.raises(ValueError, match="same model config"):
-        gpt.transpose_kernels(flat, gpt.abstract_params(dataclasses.replace(cfg, dim=64, n_head=4)))
+        cpu_kernels.transpose_kernels(flat, gpt.abstract_params(dataclasses.replace(cfg, dim=64, n_head=4)))
 
 
 @pytest.mark.parametrize("rows", [3, 40])  # the multiply-reduce (decode) and the dot path
@@ -359,6 +359,6 @@ def test_out_major_dense_matches_numpy(rows):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(rows, 2, 4, 6)).astype(np.float32)
     w = rng.normal(size=(4, 6, 5)).astype(np.float32)  # input-major [H, Dh, out], like wo
-    layer = gpt.OutMajorDense((5,), ("heads", "kv", "embed"), n_in=2)
+    layer = cpu_kernels.OutMajorDense((5,), ("heads", "kv", "embed"), n_in=2)
     y = layer.apply({"params": {"kernel_t": jnp.asarray(np.moveaxis(w, -1, 0))}}, jnp.asarray(x))
     np.testing.assert_allclose(y, np.einsum("bshd,hdo->bso", x, w), rtol=1e-5, atol=1e-5)

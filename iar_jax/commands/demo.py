@@ -25,4 +25,5 @@ def main(argv):
     from iar_jax import demo
 
     config = demo.get_config(_VARIANT.value, _PRESET.value)
+    runtime.resolve_kernels(config.model)
     demo.run(config, _WORKDIR.value or demo.default_workdir(_VARIANT.value), progress=_PROGRESS.value)

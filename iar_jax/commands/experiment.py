@@ -24,6 +24,7 @@ def main(argv):
     from iar_jax import experiment
 
     t0 = time.time()
+    runtime.resolve_kernels(_CONFIG.value.ar)
     report = experiment.run(_CONFIG.value, _WORKDIR.value)
     logging.info("experiment done in %.0f s", time.time() - t0)
     print(experiment.table_markdown(report["table"]), end="")

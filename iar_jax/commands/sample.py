@@ -49,7 +49,7 @@ def main(argv):
 
     from iar_jax.sampling import generate as gen
 
-    config = _CONFIG.value
+    config = runtime.resolve_kernels(_CONFIG.value)
     labels = gen.class_labels(_NUM.value, int(config.model.num_classes), _PER_CLASS.value, _SEED.value)
     summary = gen.sample_from_workdir(
         config, _WORKDIR.value, _TOKENIZER.value, _OUT.value, labels, checkpoint=_CHECKPOINT.value,

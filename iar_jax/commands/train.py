@@ -14,5 +14,6 @@ def main(argv):
     runtime.setup()
     from iar_jax import trainer
 
-    logging.info("config:\n%s", _CONFIG.value)
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = runtime.resolve_kernels(_CONFIG.value)
+    logging.info("config:\n%s", config)
+    trainer.train_and_evaluate(config, _WORKDIR.value)

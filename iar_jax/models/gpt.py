@@ -12,10 +12,13 @@ The KV cache is an explicit pytree {'k', 'v'}, head-major: stacked [n_layer, B, 
 when the layers are nn.scan-ned, else tuples of n_layer [B, H, S, Dh] arrays (one buffer per layer,
 so a decode step slices nothing). A `lax.scan` sampler carries it; each step writes its position
 in place (`_write_kv`) after the attention has read the old entries.
+
+`kernels` and `attention` are model settings (hashable config fields, so part of every jit key):
+the default path is the one accelerators run; `kernels="xla_cpu"` swaps in the XLA:CPU-specific
+programs of `iar_jax.models.cpu_kernels`, and attention kernels live in `iar_jax.models.attention`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Dict, Optional, Tuple
@@ -25,10 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iar_jax.models import attention as attn_lib
+from iar_jax.models import cpu_kernels
+
 Array = jax.Array
 Cache = Dict[str, Array]
 
 _INIT = nn.initializers.normal(stddev=0.02)
+
+
+KERNELS = ("xla", "xla_cpu")
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -56,8 +65,13 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; params are always fp32
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots (save matmul outputs)
-    # Dense kernels stored output-major [out..., in...] (`OutMajorDense`): the CPU samplers' decode
-    # layout, made from the training (input-major) params by `transpose_kernels`.
+    # "xla": the programs accelerators run (default, what the tests exercise). "xla_cpu": the
+    # XLA:CPU-tuned VJPs and decode kernels of `cpu_kernels`, same values; entry points pick it only
+    # when they compile for CPU devices (`runtime.resolve_kernels`).
+    kernels: str = "xla"
+    attention: str = "dot_product"  # dot_product | pallas_flash (TPU); see `iar_jax.models.attention`
+    # Dense kernels stored output-major [out..., in...] (`cpu_kernels.OutMajorDense`): the CPU
+    # decode layout, made from the training params by `cpu_kernels.transpose_kernels`.
     out_major_kernels: bool = False
 
     @property
@@ -88,6 +102,10 @@ class GPTConfig:
             raise ValueError(f"head_dim {self.head_dim} must be divisible by 4 for 2D RoPE; change dim or n_head")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r} is not one of none|full|dots")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"model.kernels={self.kernels!r} is not one of {'|'.join(KERNELS)}")
+        if self.attention not in attn_lib.IMPLEMENTATIONS:
+            raise ValueError(f"model.attention={self.attention!r} is not one of {'|'.join(attn_lib.IMPLEMENTATIONS)}")
         return self
 
 
@@ -141,76 +159,12 @@ class RMSNorm(nn.Module):
         return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
 
 
-_CPU_LAYOUTS: Optional[bool] = None
-
-
-def use_cpu_layouts() -> bool:
-    """Trace-time switch for the XLA:CPU-specific programs: the hand-written training VJPs below
-    (`cpu_dot_general`, `causal_attention`) and the samplers' output-major decode kernels
-    (`OutMajorDense`, chosen in `iar_jax.sampling.gpt_step.decode_model`). On for the cpu backend
-    only (GPU/TPU compilers choose layouts themselves) unless `cpu_layouts(...)` says otherwise."""
-    return jax.default_backend() == "cpu" if _CPU_LAYOUTS is None else _CPU_LAYOUTS
-
-
-@contextlib.contextmanager
-def cpu_layouts(enabled: bool):
-    """Trace with the CPU-specific programs on or off, e.g. off to compile on CPU what an accelerator runs."""
-    global _CPU_LAYOUTS
-    old, _CPU_LAYOUTS = _CPU_LAYOUTS, enabled
-    try:
-        yield
-    finally:
-        _CPU_LAYOUTS = old
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_product(x, w, k):
-    return jnp.tensordot(x, w, k)
-
-
-def _dense_product_fwd(x, w, k):
-    return jnp.tensordot(x, w, k), (x, w)
-
-
-def _dense_product_bwd(k, res, g):
-    x, w = res
-    nl, no = x.ndim - k, w.ndim - k  # x [*lead, *in], w [*in, *out], g [*lead, *out]
-    bar = jax.lax.optimization_barrier
-    # The weight gradient contracts the rows (the lead axes), the major axes of both operands.
-    # Left alone, XLA:CPU transposes one operand inside the fusion that produces it (strided
-    # writes, ~1 GB/s) or falls back to a slower dot; an explicit transpose of the smaller of x and
-    # g, kept apart from the product by a barrier, makes it a plain [in, rows] @ [rows, out] product.
-    if np.prod(x.shape[nl:]) <= np.prod(g.shape[nl:]):
-        dw = jnp.tensordot(bar(jnp.moveaxis(x, range(nl), range(k, k + nl))), g, nl)
-    else:
-        dwt = bar(jnp.tensordot(bar(jnp.moveaxis(g, range(nl), range(no, no + nl))), x, nl))  # [*out, *in]
-        dw = jnp.moveaxis(dwt, range(no), range(k, k + no))
-    dx = jnp.tensordot(g, w, (tuple(range(nl, nl + no)), tuple(range(k, k + no))))
-    return dx, dw
-
-
-_dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
-
-
-def cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """lax.dot_general for a bias-free Dense (lhs trailing axes x kernel leading axes, no batch
-    axes) with the weight gradient laid out for XLA:CPU's matmul (`_dense_product_bwd`); other
-    contractions go to lax.dot_general unchanged. Same values up to fp32 summation order. No
-    reshapes, so sharded kernel axes (heads) stay as they are."""
-    (lc, rc), (lb, rb) = dimension_numbers
-    k = len(lc)
-    if (lb or rb or precision is not None or preferred_element_type is not None
-            or tuple(lc) != tuple(range(lhs.ndim - k, lhs.ndim)) or tuple(rc) != tuple(range(k))):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type)
-    return _dense_product(lhs, rhs, k)
-
-
-def _dense(features, axes, name, dtype, in_axis=-1, kernel_init=_INIT, out_major=False):
-    if out_major:
+def _dense(features, axes, name, cfg, in_axis=-1, kernel_init=_INIT):
+    dtype = cfg.compute_dtype
+    if cfg.out_major_kernels:
         n_in = 1 if isinstance(in_axis, int) else len(in_axis)
-        return OutMajorDense(features if isinstance(features, tuple) else (features,), tuple(axes), n_in, dtype,
-                             name=name)
+        return cpu_kernels.OutMajorDense(features if isinstance(features, tuple) else (features,), tuple(axes), n_in,
+                                         dtype, name=name)
     return nn.DenseGeneral(
         features=features,
         axis=in_axis,
@@ -218,156 +172,48 @@ def _dense(features, axes, name, dtype, in_axis=-1, kernel_init=_INIT, out_major
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        dot_general=cpu_dot_general if use_cpu_layouts() else None,
+        dot_general=cpu_kernels.cpu_dot_general if cfg.kernels == "xla_cpu" else None,
         name=name,
     )
-
-
-class OutMajorDense(nn.Module):
-    """Bias-free DenseGeneral over the last `n_in` axes with its kernel stored output-major, as
-    `kernel_t` [*features, *in] (`axes`: the input-major logical names). Up to `max_reduce_rows`
-    rows (a decode step) it is a multiply-reduce with the rows innermost, which XLA:CPU's reduce
-    library fusion runs as one streaming pass over the kernel: 1.5-2x the bandwidth of the dot
-    (measured on fp32 8-row products; see benchmarks/sample_speed.py)."""
-
-    features: Tuple[int, ...]
-    axes: Tuple[Optional[str], ...]
-    n_in: int
-    dtype: Any = jnp.float32
-    max_reduce_rows: int = 32
-
-    @nn.compact
-    def __call__(self, x):
-        in_shape = x.shape[x.ndim - self.n_in:]
-        kernel = self.param("kernel_t", nn.with_logical_partitioning(
-            _INIT, self.axes[self.n_in:] + self.axes[:self.n_in]), self.features + in_shape, jnp.float32)
-        lead = x.shape[:x.ndim - self.n_in]
-        xf = x.reshape(-1, int(np.prod(in_shape))).astype(self.dtype)
-        w = kernel.reshape(-1, xf.shape[1]).astype(self.dtype)
-        if xf.shape[0] <= self.max_reduce_rows:
-            y = jnp.sum(w[:, None, :].astype(jnp.float32) * xf[None].astype(jnp.float32), axis=-1).T
-        else:
-            y = jnp.einsum("bk,nk->bn", xf, w, preferred_element_type=jnp.float32)
-        return y.astype(self.dtype).reshape(lead + self.features)
-
-
-def transpose_kernels(params, out_major_shapes):
-    """Training (input-major) params -> the `out_major_kernels` layout given by `out_major_shapes`
-    (the out-major model's abstract params): each `kernel` [*in, *out] whose module is an
-    OutMajorDense becomes `kernel_t` [*out, *in], and a FeedForward's w1 and w3 become one w13
-    [2, ffn, dim] (two sibling reductions over one input fall off XLA:CPU's fast reduce path)."""
-    def rotate(x, target, name):
-        fits = [n for n in range(1, x.ndim) if x.shape[n:] + x.shape[:n] == target.shape]
-        if len(fits) != 1:
-            raise ValueError(f"kernel {name} of shape {x.shape} does not map to the out-major shape {target.shape}; "
-                             "pass params of the same model config")
-        return jnp.transpose(x, tuple(range(fits[0], x.ndim)) + tuple(range(fits[0])))
-
-    def walk(p, s, name):
-        if not isinstance(s, dict):
-            return p
-        p = dict(p)
-        if "w13" in s and "w13" not in p:
-            p["w13"] = {"kernel": jnp.stack([p.pop("w1")["kernel"], p.pop("w3")["kernel"]], axis=1)}
-        if "kernel_t" in s and "kernel" in p:
-            p["kernel_t"] = rotate(p.pop("kernel"), s["kernel_t"], name)
-        return {k: walk(v, s[k], f"{name}/{k}") if k in s else v for k, v in p.items()}
-
-    return walk(params, out_major_shapes, "")
 
 
 def _constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
 
-def _causal_probs(q, k):
-    """Softmax (fp32) of the causal scores of queries q [B, H, Lq, Dh], the last Lq of the keys
-    k [B, H, S, Dh], over the keys: [B, H, Lq, S]."""
-    lq, S = q.shape[2], k.shape[2]
-    s = jnp.einsum("bhld,bhsd->bhls", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1]).astype(np.float32)
-    causal = jnp.arange(S)[None, :] <= jnp.arange(S - lq, S)[:, None]
-    return jax.nn.softmax(jnp.where(causal, s, jnp.finfo(jnp.float32).min), axis=-1)
-
-
-@jax.custom_vjp
-def causal_attention(q, k, v):
-    """Causal softmax attention over head-major q, k, v [B, H, L, Dh] -> [B, H, L, Dh], fp32
-    softmax. Its VJP is written out (the softmax backward over the saved probabilities) so every
-    product is a plain batched matmul; XLA:CPU's own VJP transposes operands in between."""
-    return _causal_attention_fwd(q, k, v)[0]
-
-
-def _causal_attention_fwd(q, k, v):
-    p = _causal_probs(q, k)
-    return jnp.einsum("bhls,bhsd->bhld", p.astype(v.dtype), v), (q, k, v, p)
-
-
-def _causal_attention_bwd(res, g):
-    q, k, v, p = res
-    dt = v.dtype
-    dv = jnp.einsum("bhls,bhld->bhsd", p.astype(dt), g)
-    dp = jnp.einsum("bhld,bhsd->bhls", g, v).astype(jnp.float32)
-    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) / np.sqrt(q.shape[-1]).astype(np.float32)).astype(dt)
-    return jnp.einsum("bhls,bhsd->bhld", ds, k), jnp.einsum("bhls,bhld->bhsd", ds, q), dv
-
-
-causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
-
-
 class Attention(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x, rope, *, train: bool, cache_kv=None, start=None):
+    def __call__(self, x, rope, *, train: bool, cache_kv=None, start=None, prefill: bool = False):
         """x [B, L, D]. Without a cache: causal self-attention over x. With `cache_kv=(k, v)`
         ([B, H, S, Dh] each, READ ONLY) the queries at positions start .. start+L-1 attend to the
-        cached positions < start and causally to the L new keys. Returns (out, the new (k, v)
-        [B, H, L, Dh] for the caller to write at `start` (None without a cache), attention of the
-        last query to key 0 — the class token — averaged over heads [B])."""
+        cached positions < start and causally to the L new keys; `prefill` (start is 0) skips the
+        empty cache. Returns (out, the new (k, v) [B, H, L, Dh] for the caller to write at `start`
+        (None without a cache), attention of the last query to key 0 — the class token — averaged
+        over heads [B])."""
         cfg = self.cfg
         dt = cfg.compute_dtype
-        qkv = _dense((3, cfg.n_head, cfg.head_dim), ("embed", None, "heads", "kv"), "wqkv", dt,
-                     out_major=cfg.out_major_kernels)(x)
+        qkv = _dense((3, cfg.n_head, cfg.head_dim), ("embed", None, "heads", "kv"), "wqkv", cfg)(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
-        q = _constrain(q, ("batch", "length", "heads", "kv"))
-        k = _constrain(k, ("batch", "length", "heads", "kv"))
-        v = _constrain(v, ("batch", "length", "heads", "kv"))
-        L = x.shape[1]
-        neg = jnp.finfo(jnp.float32).min
-        # Head-major operands: batched products over (B, H); the decode reads the cache in its own layout.
-        qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, L, Dh]
-        if cache_kv is None:
-            if use_cpu_layouts() and not (train and cfg.attn_dropout > 0):
-                out = causal_attention(qh, kh, vh)
-                # The probabilities stay inside the core's VJP; only the last query's row is needed here.
-                attn0 = jnp.mean(_causal_probs(qh[:, :, -1:], kh)[:, :, 0, 0], axis=1)
-            else:
-                probs = _causal_probs(qh, kh)
-                attn0 = jnp.mean(probs[:, :, -1, 0], axis=1)  # last query -> class key, head-mean
-                if cfg.attn_dropout > 0:
-                    probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=not train)
-                out = jnp.einsum("bhls,bhsd->bhld", probs.astype(dt), vh)
-            out = jnp.swapaxes(out, 1, 2)
-            new_kv = None
+        q, k, v = (_constrain(t, ("act_batch", "act_length", "act_heads", "act_kv")) for t in (q, k, v))
+        if cache_kv is not None and not prefill:
+            out, attn0 = attn_lib.cached(q, k, v, *cache_kv, start)
+        elif train and cfg.attn_dropout > 0:  # dropout on the probabilities: the explicit softmax
+            probs = attn_lib.causal_probs(*(jnp.swapaxes(t, 1, 2) for t in (q, k)))
+            attn0 = jnp.mean(probs[:, :, -1, 0], axis=1)
+            probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=False)
+            out = jnp.einsum("bhls,bshd->blhd", probs.astype(dt), v)
         else:
-            ck, cv = cache_kv
-            S = ck.shape[2]
-            inv = np.float32(1.0 / np.sqrt(cfg.head_dim))
-            s_old = jnp.einsum("bhld,bhsd->bhls", qh, ck.astype(dt)).astype(jnp.float32) * inv
-            s_old = jnp.where((jnp.arange(S) < start)[None, None, None, :], s_old, neg)
-            s_new = jnp.einsum("bhld,bhmd->bhlm", qh, kh).astype(jnp.float32) * inv
-            s_new = jnp.where((jnp.arange(L)[None, :] <= jnp.arange(L)[:, None])[None, None], s_new, neg)
-            probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)  # fp32 softmax
-            p_old, p_new = probs[..., :S], probs[..., S:]
-            # Key 0 (the class token) is in the cache once start > 0, else the first new key.
-            attn0 = jnp.mean(jnp.where(start > 0, p_old[:, :, -1, 0], p_new[:, :, -1, 0]), axis=1)
-            out = (jnp.einsum("bhls,bhsd->blhd", p_old.astype(dt), cv.astype(dt))
-                   + jnp.einsum("bhlm,bhmd->blhd", p_new.astype(dt), vh))
-            new_kv = (kh, vh)
-        out = _dense(cfg.dim, ("heads", "kv", "embed"), "wo", dt, in_axis=(-2, -1),
-                     out_major=cfg.out_major_kernels)(out)
+            if cfg.kernels == "xla_cpu":
+                out = jnp.swapaxes(cpu_kernels.causal_attention(*(jnp.swapaxes(t, 1, 2) for t in (q, k, v))), 1, 2)
+            else:
+                out = attn_lib.causal(q, k, v, cfg.attention)
+            attn0 = attn_lib.class_attention(q, k)
+        new_kv = None if cache_kv is None else (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+        out = _dense(cfg.dim, ("heads", "kv", "embed"), "wo", cfg, in_axis=(-2, -1))(out)
         out = nn.Dropout(cfg.resid_dropout)(out, deterministic=not train)
         return out, new_kv, attn0
 
@@ -380,13 +226,13 @@ class FeedForward(nn.Module):
         cfg = self.cfg
         dt = cfg.compute_dtype
         if cfg.out_major_kernels:  # w1 and w3 as one kernel (`transpose_kernels`)
-            h13 = _dense((2, cfg.ffn_dim), ("embed", None, "mlp"), "w13", dt, out_major=True)(x)
+            h13 = _dense((2, cfg.ffn_dim), ("embed", None, "mlp"), "w13", cfg)(x)
             h1, h3 = h13[..., 0, :], h13[..., 1, :]
         else:
-            h1 = _dense(cfg.ffn_dim, ("embed", "mlp"), "w1", dt)(x)
-            h3 = _dense(cfg.ffn_dim, ("embed", "mlp"), "w3", dt)(x)
-        h = _constrain(nn.silu(h1) * h3, ("batch", "length", "mlp"))
-        out = _dense(cfg.dim, ("mlp", "embed"), "w2", dt, out_major=cfg.out_major_kernels)(h)
+            h1 = _dense(cfg.ffn_dim, ("embed", "mlp"), "w1", cfg)(x)
+            h3 = _dense(cfg.ffn_dim, ("embed", "mlp"), "w3", cfg)(x)
+        h = _constrain(nn.silu(h1) * h3, ("act_batch", "act_length", "act_mlp"))
+        out = _dense(cfg.dim, ("mlp", "embed"), "w2", cfg)(h)
         return nn.Dropout(cfg.ffn_dropout)(out, deterministic=not train)
 
 
@@ -404,7 +250,8 @@ def drop_path_rate(cfg: GPTConfig, layer, n_layer: int):
 
 class TransformerBlock(nn.Module):
     cfg: GPTConfig
-    train: bool = False  # an attribute, not a call arg, so nn.remat never traces it
+    train: bool = False  # attributes, not call args, so nn.remat never traces them
+    prefill: bool = False  # the cache is empty (start is 0): attend to the new keys only
 
     @nn.compact
     def __call__(self, x, rope, cache_kv=None, start=None, drop_rate=0.0):
@@ -412,11 +259,11 @@ class TransformerBlock(nn.Module):
         use_dp = train and cfg.drop_path > 0
         h, new_cache, attn0 = Attention(cfg, name="attention")(
             RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attention_norm")(x), rope,
-            train=train, cache_kv=cache_kv, start=start)
+            train=train, cache_kv=cache_kv, start=start, prefill=self.prefill)
         x = x + (drop_path(h, drop_rate, self.make_rng("dropout")) if use_dp else h)
         h = FeedForward(cfg, name="feed_forward")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="ffn_norm")(x), train=train)
         x = x + (drop_path(h, drop_rate, self.make_rng("dropout")) if use_dp else h)
-        return _constrain(x, ("batch", "length", "embed")), new_cache, attn0
+        return _constrain(x, ("act_batch", "act_length", "act_embed")), new_cache, attn0
 
 
 def _remat(block_cls, policy: str):
@@ -433,11 +280,12 @@ class _ScanBody(nn.Module):
     cfg: GPTConfig
     train: bool
     n_layer: int
+    prefill: bool = False
 
     @nn.compact
     def __call__(self, carry, _):
         x, rope, cache, start, layer = carry
-        block = _remat(TransformerBlock, self.cfg.remat)(self.cfg, self.train, name="block")
+        block = _remat(TransformerBlock, self.cfg.remat)(self.cfg, self.train, self.prefill, name="block")
         rate = drop_path_rate(self.cfg, layer, self.n_layer)
         if cache is None:
             x, _, attn0 = block(x, rope, None, None, rate)
@@ -458,6 +306,7 @@ class TransformerStack(nn.Module):
     def __call__(self, x, rope, *, train: bool, cache: Optional[Cache] = None, start=0):
         cfg = self.cfg
         n = self.n_layer or cfg.n_layer
+        prefill = cache is not None and isinstance(start, int) and start == 0
         if cfg.scan_layers:
             scanned = nn.scan(
                 _ScanBody,
@@ -465,7 +314,7 @@ class TransformerStack(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 length=n,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, train, n, name="layers")
+            )(cfg, train, n, prefill, name="layers")
             start = jnp.asarray(start, jnp.int32)
             (x, _, _, _, _), (attn0, new_kv) = scanned((x, rope, cache, start, jnp.int32(0)), None)
             attn0 = attn0[-1]
@@ -478,7 +327,8 @@ class TransformerStack(nn.Module):
             ks, vs = (list(cache["k"]), list(cache["v"])) if cache is not None else (None, None)
             for i in range(n):
                 kv = None if cache is None else (ks[i], vs[i])
-                x, new_kv, attn0 = block_cls(cfg, train, name=f"layers_{i}")(x, rope, kv, start, drop_rate_i(i))
+                x, new_kv, attn0 = block_cls(cfg, train, prefill, name=f"layers_{i}")(x, rope, kv, start,
+                                                                                 drop_rate_i(i))
                 if cache is not None:
                     ks[i] = _write_kv(ks[i], new_kv[0], start, x, axis=2)
                     vs[i] = _write_kv(vs[i], new_kv[1], start, x, axis=2)
@@ -542,13 +392,12 @@ class GPT(nn.Module):
             cfg.vocab_size, cfg.dim, embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
             param_dtype=jnp.float32)
         self.transformer = TransformerStack(cfg)
-        self.output = _dense(cfg.vocab_size, ("embed", "vocab"), "output", cfg.compute_dtype,
-                             kernel_init=nn.initializers.zeros, out_major=cfg.out_major_kernels)
+        self.output = _dense(cfg.vocab_size, ("embed", "vocab"), "output", cfg, kernel_init=nn.initializers.zeros)
         self.token_drop = nn.Dropout(cfg.token_dropout)
         self.rope = jnp.asarray(rope_table_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num))
 
     def _logits(self, h):
-        return _constrain(self.output(h).astype(jnp.float32), ("batch", "length", "vocab"))
+        return _constrain(self.output(h).astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
     def _cls(self, labels, train):
         # One class token per cls_token_num slot (c2i uses a single one).
@@ -560,7 +409,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         x = jnp.concatenate([self._cls(labels, train), self.tok_embeddings(codes[:, :-1])], axis=1)
         x = self.token_drop(x.astype(cfg.compute_dtype), deterministic=not train)
-        x = _constrain(x, ("batch", "length", "embed"))
+        x = _constrain(x, ("act_batch", "act_length", "act_embed"))
         h, _, _ = self.transformer(x, self.rope[: x.shape[1]], train=train)
         return self._logits(h[:, cfg.cls_token_num - 1:])
 

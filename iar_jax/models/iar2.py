@@ -122,15 +122,15 @@ class IAR2(nn.Module):
         cls = self.cls_embedding(labels, train=train)[:, None, :].astype(dt)
         x = jnp.concatenate([cls, self.fuse(codes[:, :-1], detail_codes[:, :-1]).astype(dt)], axis=1)
         x = self.token_drop(x, deterministic=not train)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         h, _, _ = self.trunk(x, self.trunk_rope[:T], train=train)
         ctx = self.local_context(h)
         e_s = self.sem_embedding(codes).astype(dt)  # teacher-forced k_t (no token dropout, as reference)
         seq = jnp.stack([ctx.astype(dt), h, e_s], axis=2).reshape(B * T, HEAD_LEN, cfg.dim)
         out, _, _ = self.head(seq, self.head_rope, train=train)
         out = out.reshape(B, T, HEAD_LEN, cfg.dim)
-        sem = self._logits(self.sem_output, out[:, :, 1], ("batch", "length", "vocab"))
-        det = self._logits(self.det_output, out[:, :, 2], ("batch", "length", "vocab"))
+        sem = self._logits(self.sem_output, out[:, :, 1], ("act_batch", "act_length", "act_vocab"))
+        det = self._logits(self.det_output, out[:, :, 2], ("act_batch", "act_length", "act_vocab"))
         return sem, det
 
     # -- sampling -----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ work); it keeps the scan body uniform.
 (each decode step streams every weight once, so bf16 halves the bytes) and, with
 `unroll_layers=True`, unstacks nn.scan's [n_layer, ...] weights into per-layer arrays so the decode
 indexes no stacked weight with a loop counter (a dynamic slice that XLA materialises per layer
-and step on CPU). On CPU it also transposes the kernels output-major (`gpt.OutMajorDense`).
+and step on CPU). With `kernels="xla_cpu"` it also transposes the kernels output-major
+(`cpu_kernels.OutMajorDense`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iar_jax.models.gpt import GPT, GPTConfig, abstract_params, init_cache, transpose_kernels, use_cpu_layouts
+from iar_jax.models.cpu_kernels import transpose_kernels
+from iar_jax.models.gpt import GPT, GPTConfig, abstract_params, init_cache
 from iar_jax.sampling.sampler import StepFns
 
 
@@ -29,7 +31,7 @@ def constrain_cache(cache):
     arrays or per-layer [B, ...] buffers."""
     def one(x):
         axes = [None] * x.ndim
-        axes[1 if x.ndim == 5 else 0] = "batch"
+        axes[1 if x.ndim == 5 else 0] = "act_batch"
         return nn.with_logical_constraint(x, tuple(axes))
 
     return jax.tree_util.tree_map(one, cache)
@@ -57,13 +59,13 @@ def cast_params(params, dtype):
 def decode_model(module_cls, cfg, parts, abstract_params_fn, unroll_layers: bool = True,
                  out_major: Optional[bool] = None):
     """(module, config, prepare) of a family's decode model. The config has its layers unrolled
-    (`unroll_layers`) and, on CPU by default (`out_major=None`; unrolled layers only), output-major
-    kernels. `prepare` (StepFns.prepare) maps training-layout params to what a sampler step reads:
+    (`unroll_layers`) and, with `kernels="xla_cpu"` (`out_major=None`; unrolled layers only),
+    output-major kernels. `prepare` (StepFns.prepare) maps training-layout params to what a sampler step reads:
     unboxed, each (part, n_layer) of `parts` unstacked from the nn.scan layout, kernels transposed
     to the layout of `abstract_params_fn(config)`, cast to the compute dtype."""
     scan = cfg.scan_layers and not unroll_layers
     if out_major is None:
-        out_major = use_cpu_layouts() and not scan
+        out_major = cfg.kernels == "xla_cpu" and not scan
     elif out_major and scan:
         raise ValueError("output-major decode kernels need unrolled layers; pass unroll_layers=True")
     stacks = parts if cfg.scan_layers and not scan else ()
