@@ -26,9 +26,9 @@ fusion MLP, the window MLPs and the output MLPs decay too), grad clip 1.0, globa
 dropout 0.1, attention dropout 0, no drop path, 384 px (24x24 tokens), bf16 compute, no EMA (the
 script parses `--ema` but keeps none). The DDP script's (`train_c2i_ddp.py`) grouping and schedule
 instead: `--config.optim.decay=ndim --config.optim.lr=1.5e-4 --config.optim.min_lr=5e-5`.
-Deviations on purpose: the run length is `train.num_steps` (1.5M steps ~ 300 epochs of ImageNet-1k at batch 256, as for IAR;
-the script's 320 epochs are `--config.train.num_steps=1601280`), and params stay fp32 under bf16
-compute.
+Deviations on purpose: the run length is `train.num_steps` (1.5M steps ~ 300 epochs of ImageNet-1k
+at batch 256, as for IAR; the script's 320 epochs are `--config.train.num_steps=1601280`), and params
+stay fp32 under bf16 compute.
 """
 import importlib.util
 import os
