@@ -8,6 +8,15 @@ Launch (one host, any device count; a TPU pod runs the same line on every worker
 `ARG` is a size (tiny | b | l | xl | xxl | 3b) optionally followed by `,key=value` presets:
 `grid=24` (384 px, 24x24 tokens), `vocab=N`, `classes=N`, `cluster=N`. Any field is also
 overridable with `--config.a.b=value`.
+
+Recipe: the defaults of IAR's `autoregressive/train/train_c2i.py` (sjtuplayer/IAR): AdamW lr 1e-4
+constant (no scheduler, no warmup), betas (0.9, 0.95), eps 1e-8, weight decay 0.05 on >= 2-D params
+only (`optim.decay=ndim`; the GPT has no biases, so `not_norm` would pick the same tensors), grad clip
+1.0, global batch 256, class dropout 0.1, token/residual/FFN dropout 0.1, attention dropout 0, no
+drop path, cluster CE weight 1 with cluster size 128, 256 px (16x16 tokens), bf16 compute, EMA off
+(`--ema` is opt-in there; its decay 0.9999 is `--config.train.ema_decay=0.9999` here). Deviations on
+purpose: the run length is `train.num_steps` (1.5M steps ~ 300 epochs of ImageNet-1k at batch 256)
+instead of epochs, and params stay fp32 under bf16 compute.
 """
 import ml_collections
 
@@ -62,14 +71,17 @@ def mesh_config(data=-1, fsdp=1, tensor=1):
     return mesh
 
 
-def optim_config(lr=1e-4, schedule="constant", min_lr=0.0, warmup_steps=0):
+def optim_config(lr=1e-4, schedule="constant", min_lr=0.0, warmup_steps=0, decay="ndim"):
     o = ml_collections.ConfigDict()
     o.lr = lr
     o.schedule = schedule  # constant | cosine
     o.min_lr = min_lr  # cosine end value
     o.warmup_steps = warmup_steps
     o.b1, o.b2, o.eps = 0.9, 0.95, 1e-8
-    o.weight_decay = 0.05  # on >= 2-D params only (LlamaGen)
+    o.weight_decay = 0.05
+    # Which params decay (trainer.DECAY_RULES): ndim = >= 2-D only (LlamaGen, IAR train_c2i.py,
+    # IAR2 train_c2i_ddp.py); not_norm = all but norm weights, biases too (IAR2 train_c2i_fsdp.py).
+    o.decay = decay
     o.grad_clip = 1.0
     return o
 

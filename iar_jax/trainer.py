@@ -40,16 +40,31 @@ def lr_schedule(optim_cfg, num_steps: int) -> Callable:
     raise ValueError(f"unknown optim.schedule {optim_cfg.schedule!r}; use constant or cosine")
 
 
-def decay_mask(boxed_params):
-    """Weight decay on parameters that are >= 2-D in the reference model (the layer axis added by
-    nn.scan does not count), as LlamaGen's optimizer groups."""
-    def is_matrix(x):
-        if isinstance(x, nn.LogicallyPartitioned):
-            names = x.names
-            return len(names) - (1 if "layers" in names else 0) >= 2
+# optim.decay: which params AdamW decays, named after the official optimizer groupings.
+DECAY_RULES = {
+    # >= 2-D params (LlamaGen; IAR train_c2i.py; IAR2 train_c2i_ddp.py): no biases, no norms.
+    "ndim": "params that are >= 2-D in the reference model",
+    # IAR2 train_c2i_fsdp.py groups by name (FSDP flattens params): biases decay too.
+    "not_norm": "every param whose name lacks 'norm'",
+}
+
+
+def decay_mask(boxed_params, rule: str = "ndim"):
+    """Weight-decay mask under `rule` (see DECAY_RULES). The layer axis added by nn.scan does not
+    count as a dimension; our norm modules keep the reference names (attention_norm, ffn_norm, norm)."""
+    if rule not in DECAY_RULES:
+        choices = " or ".join(f"{k} ({v})" for k, v in DECAY_RULES.items())
+        raise ValueError(f"unknown optim.decay {rule!r}; use {choices}")
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+
+    def decayed(path, x):
+        if rule == "not_norm":
+            return "norm" not in "/".join(str(getattr(k, "key", k)) for k in path)
+        if is_box(x):
+            return len(x.names) - (1 if "layers" in x.names else 0) >= 2
         return x.ndim >= 2
 
-    return jax.tree_util.tree_map(is_matrix, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree_util.tree_map_with_path(decayed, boxed_params, is_leaf=is_box)
 
 
 def make_optimizer(optim_cfg, num_steps: int, mask):
@@ -92,7 +107,8 @@ class Trainer:
         with self._ctx():
             abstract_vars = jax.eval_shape(lambda r: self.family.init(self.module, r, dummy), jax.random.PRNGKey(0))
             self.param_shardings = sharding.logical_shardings(abstract_vars["params"], self.mesh, c.mesh)
-        self.tx, self.schedule = make_optimizer(c.optim, int(c.train.num_steps), decay_mask(abstract_vars["params"]))
+        self.decay_mask = decay_mask(abstract_vars["params"], c.optim.get("decay", "ndim"))
+        self.tx, self.schedule = make_optimizer(c.optim, int(c.train.num_steps), self.decay_mask)
         self._dummy = dummy
         self.ema_decay = float(c.train.ema_decay)
 
