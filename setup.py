@@ -35,6 +35,8 @@ setup(
     extras_require={
         # Only for reading/writing PyTorch checkpoints; never on the core path.
         "torch": ["torch==2.13.0"],
+        # libtpu: run on Cloud TPU, or compile TPU programs on any host (benchmarks/tpu_aot.py).
+        "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["iar-jax=iar_jax.cli:main"]},
 )

@@ -30,6 +30,19 @@ SIZES = {
     "3b": (24, 32, 3200),
 }
 
+# Target slice and global batch of each size, per token grid (16x16 = 256 px, 24x24 = 384 px), proven
+# by `python benchmarks/tpu_aot.py --table` (README: "Proven on TPU ahead of time"). Slice names count
+# chips: v5e:2x4 is v5e-8, v5e:4x4 v5e-16, v5p:2x2x4 v5p-32 (16 chips), v5p:2x4x4 v5p-64.
+TARGETS = {
+    "b": {16: ("v5e:2x4", 256), 24: ("v5e:4x4", 256)},
+    "l": {16: ("v5e:4x4", 256), 24: ("v5e:4x4", 256)},
+    "xl": {16: ("v5p:2x2x4", 256), 24: ("v5p:2x2x4", 256)},
+    "xxl": {16: ("v5p:2x2x4", 256), 24: ("v5p:2x2x4", 256)},
+    "3b": {16: ("v5p:2x4x4", 256), 24: ("v5p:2x4x4", 256)},
+}
+# Sampling: (slice, images with CFG, chips used): batch 256 on one v5e chip.
+SAMPLE_TARGETS = {"b": ("v5e:2x2", 256, 1), "l": ("v5e:2x2", 256, 1)}
+
 
 def parse_arg(arg, default_size="b"):
     parts = [p for p in (arg or default_size).split(",") if p]

@@ -49,6 +49,15 @@ SIZES = {
     "xxl": (48, 24, 1536),
 }
 
+# Target slice and global batch per size at the released 24x24 grid (see configs/iar.py's TARGETS).
+TARGETS = {
+    "b": {24: ("v5e:4x4", 256)},
+    "l": {24: ("v5e:4x4", 256)},
+    "xl": {24: ("v5p:2x2x4", 256)},
+    "xxl": {24: ("v5p:2x4x4", 256)},
+}
+SAMPLE_TARGETS = {"b": ("v5e:2x2", 256, 1), "l": ("v5e:2x2", 256, 1)}
+
 
 def get_config(arg=None):
     # vocab_size is the semantic codebook C_S.

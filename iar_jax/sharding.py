@@ -1,6 +1,7 @@
 """Device mesh and logical-axis sharding (data / fsdp / tensor), configured by `config.mesh`."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import flax.linen as nn
@@ -29,15 +30,31 @@ def mesh_shape(mesh_cfg, num_devices: int):
 
 
 def make_mesh(mesh_cfg, devices: Sequence = None) -> Mesh:
+    """The data × fsdp × tensor mesh over `devices` (default: all), laid out on the physical
+    topology by `mesh_utils` (tensor and fsdp on the fastest links). Only CPU devices, which have
+    no topology, fall back to a plain reshape; elsewhere a shape the topology cannot hold is an error."""
+    from jax.experimental import mesh_utils
+
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     try:
-        from jax.experimental import mesh_utils
-
-        arr = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # CPU / odd topologies: plain reshape is fine
+        arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except Exception as e:
+        if not all(d.platform == "cpu" for d in devices):
+            raise ValueError(f"mesh data×fsdp×tensor = {'×'.join(map(str, shape))} does not fit the physical "
+                             f"topology of the {len(devices)} {devices[0].device_kind} devices ({e}); pick axis "
+                             "sizes that tile the slice (--config.mesh.data/fsdp/tensor)") from None
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, AXES)
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, axis_rules):
+    """`jax.set_mesh(mesh)` + Flax's logical axis rules, so `nn.with_logical_constraint` inside a
+    jit traced here becomes a sharding constraint. (Under the legacy `with mesh:` Flax sees no mesh
+    and every activation constraint is silently dropped.) Enter it outside jit."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+        yield
 
 
 def rules(mesh_cfg):

@@ -104,8 +104,9 @@ class Trainer:
         self.spec = self.family.batch_spec(c)
         self.loss_fn = self.family.make_loss(self.module, c)
         dummy = {k: jnp.zeros((1,) + tuple(s), d) for k, (s, d) in self.spec.items()}
+        key = jax.random.PRNGKey(0)  # made outside the mesh context: the devices may be an AOT topology's
         with self._ctx():
-            abstract_vars = jax.eval_shape(lambda r: self.family.init(self.module, r, dummy), jax.random.PRNGKey(0))
+            abstract_vars = jax.eval_shape(lambda r: self.family.init(self.module, r, dummy), key)
             self.param_shardings = sharding.logical_shardings(abstract_vars["params"], self.mesh, c.mesh)
         self.decay_mask = decay_mask(abstract_vars["params"], c.optim.get("decay", "ndim"))
         self.tx, self.schedule = make_optimizer(c.optim, int(c.train.num_steps), self.decay_mask)
@@ -139,12 +140,13 @@ class Trainer:
                                  out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
     def _ctx(self):
-        return _MeshRules(self.mesh, self.rules)
+        return sharding.mesh_rules(self.mesh, self.rules)
 
     # -- state --------------------------------------------------------------------------------
     def init_state(self, seed: int):
+        key = jax.random.PRNGKey(seed)
         with self._ctx():
-            return self._jit_init(jax.random.PRNGKey(seed))
+            return self._jit_init(key)
 
     def abstract_sharded_state(self):
         return checkpointing.abstract_with_shardings(self.abstract_state, self.state_shardings)
@@ -198,23 +200,6 @@ class Trainer:
                 raise ValueError(f"batch[{k!r}] has per-example shape {host_batch[k].shape[1:]}, the model expects "
                                  f"{tuple(shape)}; check config.model.grid_size against the codes")
         return sharding.host_local_to_global(host_batch, self.mesh)
-
-
-class _MeshRules:
-    """`with mesh` + logical axis rules, so nn.with_logical_constraint resolves inside jit."""
-
-    def __init__(self, mesh, rules):
-        self.mesh, self.rules = mesh, rules
-
-    def __enter__(self):
-        self._a = self.mesh.__enter__()
-        self._b = nn.logical_axis_rules(self.rules)
-        self._b.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._b.__exit__(*exc)
-        self.mesh.__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# With libtpu installed (the [tpu] extra), every jax process would spend ~12 s probing for a TPU;
+# the TPU programs are compiled from topology descriptions, which work with the CPU platform.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Commands enable a persistent compile cache; keep tests hermetic (fresh per session, shared by the
 # subprocess tests, never the user's ~/.cache).
 import tempfile  # noqa: E402

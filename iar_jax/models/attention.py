@@ -49,7 +49,6 @@ def causal(q, k, v, implementation: str = "dot_product"):
 
 
 def _pallas_flash(q, k, v):
-    from jax._src import mesh as mesh_lib
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     L, dh = q.shape[1], q.shape[-1]
@@ -63,7 +62,7 @@ def _pallas_flash(q, k, v):
         out = fa.flash_attention(q, k, v, causal=True, sm_scale=float(1.0 / np.sqrt(dh)), block_sizes=blocks)
         return jnp.swapaxes(out, 1, 2)
 
-    mesh = mesh_lib.thread_resources.env.physical_mesh
+    mesh = jax.sharding.get_abstract_mesh()  # the trainer's `sharding.mesh_rules` context
     if mesh.empty:
         return kernel(q, k, v)
     spec = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))

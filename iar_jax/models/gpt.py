@@ -159,22 +159,35 @@ class RMSNorm(nn.Module):
         return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
 
 
+class Dense(nn.Module):
+    """Bias-free dense layer over the last `n_in` axes, kernel [*in, *features] (fp32, logical
+    `axes`), computed in `dtype`. Same params as nn.DenseGeneral, but the kernel is created in its
+    own shape: DenseGeneral makes it flat and reshapes, and under a mesh the flat array's logical
+    constraint (one name per kernel axis) fails."""
+
+    features: Tuple[int, ...]
+    axes: Tuple[Optional[str], ...]
+    n_in: int = 1
+    dtype: Any = jnp.float32
+    kernel_init: Any = _INIT
+    dot_general: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            in_shape + self.features, jnp.float32)
+        dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
+        return (self.dot_general or jax.lax.dot_general)(x.astype(self.dtype), kernel.astype(self.dtype), dims)
+
+
 def _dense(features, axes, name, cfg, in_axis=-1, kernel_init=_INIT):
-    dtype = cfg.compute_dtype
+    features = features if isinstance(features, tuple) else (features,)
+    n_in = 1 if isinstance(in_axis, int) else len(in_axis)
     if cfg.out_major_kernels:
-        n_in = 1 if isinstance(in_axis, int) else len(in_axis)
-        return cpu_kernels.OutMajorDense(features if isinstance(features, tuple) else (features,), tuple(axes), n_in,
-                                         dtype, name=name)
-    return nn.DenseGeneral(
-        features=features,
-        axis=in_axis,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        dot_general=cpu_kernels.cpu_dot_general if cfg.kernels == "xla_cpu" else None,
-        name=name,
-    )
+        return cpu_kernels.OutMajorDense(features, tuple(axes), n_in, cfg.compute_dtype, name=name)
+    return Dense(features, tuple(axes), n_in, cfg.compute_dtype, kernel_init,
+                 cpu_kernels.cpu_dot_general if cfg.kernels == "xla_cpu" else None, name=name)
 
 
 def _constrain(x, axes):
