@@ -15,4 +15,7 @@ def main(argv):
     from iar_jax import trainer
 
     logging.info("config:\n%s", _CONFIG.value)
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    tr, state = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if tr.preempted:
+        raise runtime.Preempted(f"stopped by SIGTERM at step {int(state['step'])} after saving it; run the same "
+                                "command again to resume")
