@@ -184,11 +184,13 @@ class Checkpointer:
         return {k: out[k] for k in abstract}
 
     def item_tree(self, step: int, key: str):
-        """Orbax metadata (shape, dtype per leaf) of one state entry, or None if the step lacks it."""
-        md = self.manager.item_metadata(step)
-        if self.is_legacy(step):
-            return dict(md[LEGACY_ITEM].tree).get(key)
-        return md[key].tree if md.get(key) is not None else None
+        """Orbax metadata (shape, dtype per leaf) of one state entry, or None if the step lacks it;
+        reads that item's metadata alone (a damaged optimizer item does not stop a params read)."""
+        item = LEGACY_ITEM if self.is_legacy(step) else key
+        if not (self._step_dir(step) / item).exists():
+            return None
+        tree = ocp.PyTreeCheckpointHandler().metadata(self._step_dir(step) / item).tree
+        return dict(tree).get(key) if item == LEGACY_ITEM else tree
 
     def quarantine(self, step: int, reason: str) -> None:
         """Moves an unreadable step aside (never deletes it), on process 0, and re-reads the steps."""
