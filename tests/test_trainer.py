@@ -1,6 +1,5 @@
 """Shared trainer: sharding invariance, micro-batches, overfitting, resume, errors."""
 import os
-import shutil
 
 import jax
 import numpy as np
