@@ -183,6 +183,37 @@ class Checkpointer:
             **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
         return {k: out[k] for k in abstract}
 
+    def restore_entry(self, step: int, key: str, target, part_bytes: int = 1 << 28):
+        """One state entry (e.g. 'params'), placed as `target` says, a few leaves at a time: the host
+        then holds one part's read buffers beside the result instead of a second copy of all of it."""
+        item = LEGACY_ITEM if self.is_legacy(step) else key
+        leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+        parts, size = [[]], 0
+        for i, (_, leaf) in enumerate(leaves):
+            nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+            if parts[-1] and size + nbytes > part_bytes:
+                parts.append([])
+                size = 0
+            parts[-1].append(i)
+            size += nbytes
+        handler, out = ocp.PyTreeCheckpointHandler(), [None] * len(leaves)
+        for part in parts:
+            sub = {}
+            for i in part:
+                node = sub
+                path = ([key] if item == LEGACY_ITEM else []) + [_key_name(k) for k in leaves[i][0]]
+                for name in path[:-1]:
+                    node = node.setdefault(name, {})
+                node[path[-1]] = leaves[i][1]
+            got = handler.restore(self._step_dir(step) / item, args=_pytree_restore(sub, partial=True))
+            for i in part:
+                node = got
+                for name in ([key] if item == LEGACY_ITEM else []) + [_key_name(k) for k in leaves[i][0]]:
+                    node = node[name]
+                out[i] = node
+        handler.close()
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), out)
+
     def item_tree(self, step: int, key: str):
         """Orbax metadata (shape, dtype per leaf) of one state entry, or None if the step lacks it;
         reads that item's metadata alone (a damaged optimizer item does not stop a params read)."""
@@ -449,7 +480,7 @@ def load_params(directory: str, expect_meta: Optional[Dict[str, Any]] = None, em
             if tree is None:
                 raise CheckpointKindError(f"checkpoint {where} has no {key}; train with --config.train.ema_decay>0 "
                                           "or drop ema")
-            params = ck.restore_items(s, {key: _target(tree, shardings, where)})[key]
+            params = ck.restore_entry(s, key, _target(tree, shardings, where))
         except CheckpointKindError:
             raise
         except Exception as e:
