@@ -109,6 +109,9 @@ def train_config(global_batch=256, num_steps=1_500_000):
     t.log_every = 100
     t.ckpt_every = 5000
     t.keep_ckpts = 3
+    # auto | params_only (a changed state tree, e.g. ema_decay: keep params + step, re-init the
+    # rest) | start_over (every checkpoint unreadable: train from scratch beside them)
+    t.restore = "auto"
     return t
 
 

@@ -40,11 +40,14 @@ def main(argv=None) -> None:
         raise
     from absl import app
 
-    from iar_jax.runtime import NonFiniteLossError
+    from iar_jax.runtime import PREEMPTED_EXIT_CODE, NonFiniteLossError, Preempted
 
     def run(args):
         try:
             return module.main(args)
+        except Preempted as e:  # saved but unfinished: a distinct code, so schedulers requeue the job
+            print(f"iar-jax {name}: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
         except (ValueError, NonFiniteLossError) as e:  # bad input / non-finite loss: one line, no traceback
             sys.exit(f"iar-jax {name}: error: {e}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -79,13 +80,39 @@ def check_ids(name: str, x: np.ndarray, upper: int, fix: str) -> None:
 
 
 def load_mapping(path: str, vocab: int) -> np.ndarray:
-    m = np.load(path)
+    """old id -> new id from `iar-jax rearrange`'s mapping.npy or the official IAR mapping .pt (a
+    torch int64 tensor, read with torch: it is a view at a storage offset)."""
+    m = _read_mapping(path)
     if m.ndim != 1 or m.shape[0] != vocab:
         raise ValueError(f"mapping file {path} has shape {m.shape}, expected ({vocab},); "
                          "regenerate it with `iar-jax rearrange` for this codebook")
     if not np.array_equal(np.sort(m), np.arange(vocab)):
         raise ValueError(f"mapping file {path} is not a permutation of 0..{vocab - 1}; regenerate it with `iar-jax rearrange`")
     return m.astype(np.int32)
+
+
+def _read_mapping(path: str) -> np.ndarray:
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise ValueError(f"mapping file {path} does not exist; pass the mapping.npy of `iar-jax rearrange`")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        return np.load(path)
+    if head[:2] == b"PK" and not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
+        raise ValueError(f"mapping file {path} is an .npz archive; pass the mapping .npy (or the official .pt)")
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise ValueError(f"mapping file {path} is neither a .npy array nor a torch.save file; pass mapping.npy")
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"mapping file {path} is a PyTorch file; reading it needs torch: "
+                         'pip install -e ".[torch]"') from None
+    t = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"mapping file {path} holds a {type(t).__name__}, not a tensor of old id -> new id")
+    return t.numpy()  # honours the view's storage offset
 
 
 def _iar_build(config):

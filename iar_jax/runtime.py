@@ -12,6 +12,14 @@ class NonFiniteLossError(FloatingPointError):
     """A training loss became NaN/inf; the CLI prints it as one line."""
 
 
+# 128 + SIGTERM, what a shell reports for a job killed by it: schedulers requeue such a job.
+PREEMPTED_EXIT_CODE = 143
+
+
+class Preempted(Exception):
+    """A run stopped by SIGTERM after saving its checkpoint; the CLI exits with PREEMPTED_EXIT_CODE."""
+
+
 def _launched_multi_process() -> bool:
     # The launchers JAX auto-detects: Cloud TPU pods, SLURM, Open MPI.
     if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):

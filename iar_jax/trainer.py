@@ -136,6 +136,14 @@ class Trainer:
             self.state_shardings["ema_params"] = self.param_shardings
         self.batch_shardings = {k: sharding.batch_sharding(self.mesh, len(s)) for k, (s, _) in self.spec.items()}
         self._jit_init = jax.jit(init, out_shardings=self.state_shardings)
+
+        def from_params(params, rng):
+            state = dict(init(rng), params=params, opt_state=self.tx.init(params))
+            if self.ema_decay:
+                state["ema_params"] = params
+            return state
+
+        self._jit_from_params = jax.jit(from_params, out_shardings=self.state_shardings)
         self._jit_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
                                  out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
@@ -150,6 +158,24 @@ class Trainer:
 
     def abstract_sharded_state(self):
         return checkpointing.abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+    def state_from_params(self, ckpt, step: int):
+        """A fresh state around the params (and EMA params, when both the run and the step have
+        them) of checkpoint `step`: restore=params_only."""
+        abstract = self.abstract_sharded_state()
+        keys = ["params"] + (["ema_params"] if "ema_params" in abstract and ckpt.item_tree(step, "ema_params") else [])
+        saved = checkpointing.flat_signature({"params": ckpt.item_tree(step, "params")})
+        wanted = checkpointing.flat_signature({"params": abstract["params"]})
+        if saved != wanted:
+            raise checkpointing.IncompatibleCheckpointError(
+                f"checkpoint {ckpt.directory}/{step} holds other params ({checkpointing.describe_difference(saved, wanted)}); "
+                "restore=params_only needs the same model: use its config or a fresh --workdir", step)
+        got = ckpt.restore_items(step, {k: abstract[k] for k in keys})
+        with self._ctx():
+            fresh = self._jit_from_params(got["params"], jax.random.PRNGKey(int(self.config.train.seed)))
+        fresh.update(got)
+        fresh["step"] = jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings["step"])
+        return fresh
 
     # -- step ---------------------------------------------------------------------------------
     def _train_step(self, state, batch):
@@ -236,25 +262,55 @@ def make_source(config, spec):
 # Loop
 
 
+# What a resume does with the newest checkpoint (config.train.restore): `auto` restores everything
+# (a different state tree is an error); `params_only` does so too when it can, else keeps the
+# params (and EMA) and step and re-initialises the rest (e.g. after changing ema_decay or the
+# optimizer); `start_over` trains from scratch when every checkpoint is unreadable.
+RESTORE_MODES = ("auto", "params_only", "start_over")
+
+
 def train_and_evaluate(config, workdir: str, source=None, devices=None, num_steps: Optional[int] = None,
                        log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None):
-    """Trains (resuming from `workdir`) until config.train.num_steps; returns (trainer, state).
+    """Trains (resuming from `workdir`) until config.train.num_steps; returns (trainer, state);
+    `trainer.preempted` tells a run stopped by SIGTERM (after saving) from a finished one.
     `log_fn(step, mean_metrics)` is also called at every log interval (e.g. a progress bar)."""
+    mode = config.train.get("restore", "auto")
+    if mode not in RESTORE_MODES:
+        raise ValueError(f"config.train.restore={mode!r}; use one of {', '.join(RESTORE_MODES)}")
+    with checkpointing.WorkdirLock(workdir):  # before any compile: a second trainer on this workdir fails at once
+        return _train_locked(config, workdir, mode, source, devices, num_steps, log_fn)
+
+
+def _train_locked(config, workdir, mode, source, devices, num_steps, log_fn):
     from clu import metric_writers, parameter_overview, periodic_actions
 
     trainer = Trainer(config, devices)
+    trainer.preempted = False
     total = int(num_steps or config.train.num_steps)
     source = source if source is not None else make_source(config, trainer.spec)
     it = _data_iterator(config, source)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_ckpts))
     meta = {"kind": "train_state", "model_family": config.model_family, "model": structural_model_meta(config)}
-    restored = ckpt.restore_latest(trainer.abstract_sharded_state(), expect_meta=meta)
+    try:
+        restored = ckpt.restore_latest(
+            trainer.abstract_sharded_state(), expect_meta=meta, start_over=mode == "start_over",
+            fix="resume with the config it was saved with, or add --config.train.restore=params_only to keep its "
+                "params and step and re-initialise the rest")
+    except checkpointing.IncompatibleCheckpointError as e:
+        if mode != "params_only":
+            raise
+        restored = (trainer.state_from_params(ckpt, e.step), None, None, e.step)
     if restored is None:
         state, start = trainer.init_state(int(config.train.seed)), 0
         logging.info("no checkpoint in %s: starting from scratch", workdir)
     else:
         state, data_state, _, start = restored
-        it.restore(data_state)
+        if data_state is None:  # params_only: the data stream continues at the step, as a resume would
+            it.seek(start)
+            logging.warning("restored only the params of step %d in %s (restore=params_only); optimizer state and "
+                            "rng re-initialised", start, workdir)
+        else:
+            it.restore(data_state)
         logging.info("resumed from step %d in %s", start, workdir)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -305,6 +361,7 @@ def train_and_evaluate(config, workdir: str, source=None, devices=None, num_step
                 if preempt.any_host(step):
                     if last_saved != step:
                         save(step, force=True)
+                    trainer.preempted = True
                     break
     finally:  # also on errors: let the last good (async) save land
         ckpt.close()

@@ -90,3 +90,22 @@ def test_bad_inputs_are_one_line_errors(files):
     with pytest.raises(ValueError, match="arr_0"):
         list(features.iter_npz_batches(str(files / "ref_stats.npz") if (files / "ref_stats.npz").exists()
                                        else str(files / "w.npz")))
+
+
+def test_existing_report_is_kept_without_overwrite(files):
+    from absl import flags
+
+    from iar_jax.evaluation import small_cnn
+
+    x, y = small_cnn.load_fashion_mnist("test")
+    np.savez(files / "ow.npz", arr_0=x[:200], arr_1=y[:200])
+    report = files / "ow.metrics.json"  # the default --out
+    report.write_text('{"fid": "an earlier report"}')
+    flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit) as e:  # refused before any feature extraction
+        cli.main(["iar-jax", "evaluate", "--feature=small_cnn", f"--samples={files / 'ow.npz'}",
+                  f"--ref={files / 'ow.npz'}"])
+    assert "ow.metrics.json already exists; pass --overwrite" in str(e.value.code)
+    assert report.read_text() == '{"fid": "an earlier report"}'
+    _run(["--feature=small_cnn", f"--samples={files / 'ow.npz'}", f"--ref={files / 'ow.npz'}", "--overwrite"])
+    assert json.loads(report.read_text())["num_samples"] == 200

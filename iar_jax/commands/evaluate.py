@@ -27,6 +27,7 @@ flags.DEFINE_string("ref", None, "reference npz (arr_0 images and/or mu, sigma, 
                     "fashion_mnist:train|test with --feature=small_cnn")
 flags.DEFINE_string("weights", None, "Inception weights: .pb (ADM), pt_inception .pth, default_1.pt or .npz")
 flags.DEFINE_string("out", None, "JSON report path (default: <samples>.metrics.json)")
+flags.DEFINE_boolean("overwrite", False, "replace an existing report (never done without it)")
 flags.DEFINE_enum("feature", "inception", ["inception", "small_cnn"], "feature network")
 flags.DEFINE_string("small_cnn_weights", None, "small-CNN weights (default: the shipped ones)")
 flags.DEFINE_integer("batch_size", 200, "images per step (split over all local devices)")
@@ -131,6 +132,9 @@ def main(argv):
     del argv
     if not FLAGS.samples or not FLAGS.ref:
         raise ValueError("pass --samples=S.npz and --ref=R.npz (ADM npz batches)")
+    out = FLAGS.out or os.path.splitext(FLAGS.samples)[0] + ".metrics.json"
+    if os.path.exists(out) and not FLAGS.overwrite:  # checked before minutes of feature extraction
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it, or --out=OTHER.json")
     t0 = time.time()
     if FLAGS.feature == "inception":
         report = evaluate_inception(FLAGS.samples, FLAGS.ref, FLAGS.weights, FLAGS.batch_size,
@@ -141,7 +145,7 @@ def main(argv):
                                     FLAGS.pr_k, FLAGS.kid)
     report = {"samples": FLAGS.samples, "ref": FLAGS.ref, "feature": FLAGS.feature, **report,
               "seconds": round(time.time() - t0, 2)}
-    out = FLAGS.out or os.path.splitext(FLAGS.samples)[0] + ".metrics.json"
-    with open(out, "w") as f:
+    with open(out + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(out + ".tmp", out)
     print(json.dumps(report))

@@ -16,4 +16,7 @@ def main(argv):
 
     config = runtime.resolve_kernels(_CONFIG.value)
     logging.info("config:\n%s", config)
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    tr, state = trainer.train_and_evaluate(config, _WORKDIR.value)
+    if tr.preempted:
+        raise runtime.Preempted(f"stopped by SIGTERM at step {int(state['step'])} after saving it; run the same "
+                                "command again to resume")

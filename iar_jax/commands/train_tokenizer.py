@@ -24,6 +24,9 @@ def main(argv):
     logging.info("config:\n%s", config)
     n_eval = int(config.data.eval_images)
     eval_images = training.make_image_source(config, config.data.eval_split, n_eval) if n_eval else None
-    _, _, results = training.train_and_evaluate(config, _WORKDIR.value, eval_images=eval_images)
+    tr, state, results = training.train_and_evaluate(config, _WORKDIR.value, eval_images=eval_images)
+    if tr.preempted:
+        raise runtime.Preempted(f"stopped by SIGTERM at step {int(state['step'])} after saving it; run the same "
+                                "command again to resume")
     if results:
         logging.info("evaluation: %s", results)

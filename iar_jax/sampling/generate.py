@@ -120,6 +120,13 @@ class NpzStreamWriter:
         self.zf.close()
         os.replace(self.tmp, self.path)
 
+    def abort(self) -> None:
+        """Drops the unfinished file (nothing to do after close)."""
+        if os.path.exists(self.tmp):
+            self.f.close()
+            self.zf.close()
+            os.remove(self.tmp)
+
 
 # ----------------------------------------------------------------------------------------------
 # Sharded sampler
@@ -204,7 +211,7 @@ def generate(sample_fn: Callable, params, labels: np.ndarray, out_dir: str, *, g
     if jax.process_index() == 0:
         os.makedirs(chunk_dir, exist_ok=True)
         _check_run(os.path.join(out_dir, "run.json"), run)
-    done = np.array([os.path.exists(_chunk_path(chunk_dir, c)) for c in range(num_chunks)]) \
+    done = np.array([_chunk_ok(chunk_dir, c, global_batch, n) for c in range(num_chunks)]) \
         if jax.process_index() == 0 else np.zeros((num_chunks,), bool)
     done = _sync(done)
     todo = [c for c in range(num_chunks) if not done[c]]
@@ -243,6 +250,33 @@ def _chunk_path(chunk_dir: str, c: int) -> str:
     return os.path.join(chunk_dir, f"chunk_{c:06d}.npz")
 
 
+def _set_aside(path: str, error: Exception) -> str:
+    """Moves an unreadable chunk out of the way (kept, in case it matters to someone)."""
+    aside = path + ".corrupt"
+    os.replace(path, aside)
+    logging.warning("sampling chunk %s is unreadable (%s: %s); moved it to %s, it is sampled again", path,
+                    type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "", aside)
+    return aside
+
+
+def _chunk_ok(chunk_dir: str, c: int, global_batch: int, n: int) -> bool:
+    """Whether chunk c exists and reads as the expected samples (zip directory, keys, ids)."""
+    path = _chunk_path(chunk_dir, c)
+    if not os.path.exists(path):
+        return False
+    try:
+        with np.load(path) as z:  # a truncated zip fails here: its directory is at the end
+            missing = {"images", "labels", "ids", "codes"} - set(z.files)
+            if missing:
+                raise ValueError(f"lacks {sorted(missing)}")
+            if not np.array_equal(z["ids"], np.arange(c * global_batch, min((c + 1) * global_batch, n))):
+                raise ValueError("holds other sample ids")
+    except Exception as e:  # noqa: BLE001 - any unreadable chunk is redone
+        _set_aside(path, e)
+        return False
+    return True
+
+
 def _check_run(path: str, run: Dict[str, Any]) -> None:
     if os.path.exists(path):
         with open(path) as f:
@@ -257,17 +291,28 @@ def _check_run(path: str, run: Dict[str, Any]) -> None:
 
 
 def _assemble(out_dir: str, chunk_dir: str, num_chunks: int, n: int, grid: int) -> Dict[str, Any]:
-    first = np.load(_chunk_path(chunk_dir, 0))
-    shape = (n,) + first["images"].shape[1:]
-    writer = NpzStreamWriter(os.path.join(out_dir, "samples.npz"), shape)
-    labels, grid_imgs = [], []
-    for c in range(num_chunks):
-        with np.load(_chunk_path(chunk_dir, c)) as z:
-            writer.write(z["images"])
-            labels.append(z["labels"])
+    writer, labels, grid_imgs = None, [], []
+    try:
+        for c in range(num_chunks):
+            path = _chunk_path(chunk_dir, c)
+            try:
+                with np.load(path) as z:
+                    images, lab = z["images"], z["labels"]
+            except Exception as e:  # e.g. a CRC error the startup check cannot see
+                aside = _set_aside(path, e)
+                raise ValueError(f"sampling chunk {path} is unreadable; moved it to {aside}: run the same command "
+                                 "again to sample it again") from None
+            if writer is None:
+                shape = (n,) + images.shape[1:]
+                writer = NpzStreamWriter(os.path.join(out_dir, "samples.npz"), shape)
+            writer.write(images)
+            labels.append(lab)
             if sum(len(g) for g in grid_imgs) < grid:
-                grid_imgs.append(z["images"][: grid - sum(len(g) for g in grid_imgs)])
-    writer.close(labels=np.concatenate(labels))
+                grid_imgs.append(images[: grid - sum(len(g) for g in grid_imgs)])
+        writer.close(labels=np.concatenate(labels))
+    finally:
+        if writer is not None:
+            writer.abort()  # no-op once closed; else drops the partial samples.npz.tmp
     if grid > 0:
         g = np.concatenate(grid_imgs)
         save_grid(os.path.join(out_dir, "grid.png"), g, ncol=int(np.ceil(np.sqrt(len(g)))))
@@ -389,12 +434,13 @@ def parse_checkpoint(value: str):
 # A trained model in, samples out (`iar-jax sample`, the demo)
 
 
-def load_model_params(workdir: str, checkpoint: str, expect_meta):
-    """(params, meta) of a train workdir or `iar-jax convert` output; `checkpoint` as parse_checkpoint."""
+def load_model_params(workdir: str, checkpoint: str, expect_meta, shardings=None):
+    """(params, meta) of a train workdir or `iar-jax convert` output; `checkpoint` as parse_checkpoint.
+    Only the params are read, straight into `shardings` (see checkpointing.load_params)."""
     from iar_jax import checkpointing
 
     step, ema = parse_checkpoint(checkpoint)
-    return checkpointing.load_params(workdir, expect_meta, ema=ema, step=step)
+    return checkpointing.load_params(workdir, expect_meta, ema=ema, step=step, shardings=shardings)
 
 
 def model_param_shardings(config, family, module, mesh):
@@ -459,9 +505,8 @@ def sample_from_workdir(config, workdir: str, tokenizer: str, out_dir: str, labe
         cfg_end=cfg_end, w_attn=w_attn, cfg_tokens=cfg_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
 
     expect = {"model_family": config.model_family, "model": structural_model_meta(config)}
-    params, meta = load_model_params(workdir, checkpoint, expect)
+    params, meta = load_model_params(workdir, checkpoint, expect, param_shardings)
     logging.info("model params from %s (%s)", workdir, {k: meta.get(k) for k in ("kind", "step", "source")})
-    params = jax.device_put(params, param_shardings)
     global_batch = global_batch or 32 * jax.device_count()
     run_settings = {"checkpoint": checkpoint, "step": meta.get("step"), "spec": repr(spec),
                     "tokenizer": os.path.abspath(tokenizer), **(settings or {})}

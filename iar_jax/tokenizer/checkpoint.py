@@ -43,24 +43,21 @@ def _load_torch(path, config, use_ema):
 
 
 def _load_orbax(path, config):
-    import orbax.checkpoint as ocp
-
+    from iar_jax.checkpointing import Checkpointer, load_params
     from iar_jax.tokenizer.config import model_config_from_meta
 
     directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler()}
-    mngr = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers)
-    steps = sorted(mngr.all_steps())
+    ck = Checkpointer(directory, async_save=False, read_only=True)
+    steps = ck.all_steps()
     if not steps:
         raise ValueError(f"no tokenizer checkpoint in {directory}; train one with `iar-jax train_tokenizer` first")
-    meta = mngr.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = ck.read_meta(steps[-1])
+    ck.close()
     if meta.get("model_family") != "tokenizer":
         raise ValueError(f"{directory} holds a {meta.get('model_family')!r} checkpoint, not a tokenizer; pass a "
                          "train_tokenizer workdir")
     saved_cfg = model_config_from_meta(meta["model"])
-    params = _restore_params(mngr, steps[-1])
-    mngr.close()
+    params, _ = load_params(directory, step=steps[-1])  # params only, onto this process's first device
     cfg = saved_cfg
     if config is not None:
         check_params(config, params)
@@ -68,25 +65,4 @@ def _load_orbax(path, config):
             raise ValueError(f"checkpoint tokenizer has vocab {saved_cfg.vocab_sizes} (dual={saved_cfg.dual}) but the "
                              f"config asks for {config.vocab_sizes} (dual={config.dual}); use the matching config")
         cfg = config
-    return cfg, _to_numpy(params)
-
-
-def _restore_params(mngr, step):
-    """Only `state['params']`, onto this process's first device, whatever mesh saved it."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    md = mngr.item_metadata(step)
-    md = md["state"] if "state" in md else md
-    target = {"params": jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(md)["params"])}
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)
-    return mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
-
-
-def _to_numpy(tree):
-    import jax
-
-    return jax.tree_util.tree_map(np.asarray, tree)
+    return cfg, params

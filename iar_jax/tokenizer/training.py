@@ -508,12 +508,23 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
 
     Returns (trainer, state, eval_metrics). Without a workdir nothing is written (benchmarks, tests).
     `log_fn(step, mean_metrics)` is called at every log interval; `devices` defaults to all devices.
+    `trainer.preempted` tells a run stopped by SIGTERM (after saving) from a finished one.
     """
+    from iar_jax import checkpointing
+
+    if not workdir:
+        return _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices)
+    with checkpointing.WorkdirLock(workdir):  # one writer per workdir
+        return _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices)
+
+
+def _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices):
     from iar_jax import checkpointing, sharding
     from iar_jax.tokenizer import data as data_lib
 
     mesh = sharding.make_mesh(config.mesh, devices)
     trainer = build_trainer(config, mesh)
+    trainer.preempted = False
     total = int(num_steps or config.train.num_steps)
     gb = int(config.train.global_batch)
     sharding.check_global_batch(gb, mesh)
@@ -600,6 +611,7 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
                     if ckpt is not None and last_saved != step:
                         save(step, force=True)
                     logging.warning("stopped at step %d on SIGTERM; re-run the same command to resume", step)
+                    trainer.preempted = True
                     return trainer, state, {}
     finally:  # also on errors: let the last good (async) save land
         if ckpt is not None:
