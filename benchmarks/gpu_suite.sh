@@ -97,9 +97,9 @@ step decode_b 130 "$PYTHON" benchmarks/sample_speed.py --config=configs/iar.py:b
 step decode_l 150 "$PYTHON" benchmarks/sample_speed.py --config=configs/iar.py:l --batch="$BATCHES" \
   --cfg=2.0 --dtype=bfloat16 --bandwidth_mib=4096 --repeats=3
 
-# Training MFU (the spine's benchmark).
-step train_b 90 "$PYTHON" benchmarks/train_step.py --config=configs/iar.py:b --batch="$TRAIN_B" --steps=5 --dtype=bfloat16
-step train_l 120 "$PYTHON" benchmarks/train_step.py --config=configs/iar.py:l --batch="$TRAIN_B" --steps=5 --dtype=bfloat16
+# Training MFU, fused attention (jax.nn.dot_product_attention: cuDNN flash attention where available).
+step train_b 90 "$PYTHON" benchmarks/train_step.py --config=configs/iar.py:b --batch="$TRAIN_B" --steps=5 --dtype=bfloat16 --attention=dot_product
+step train_l 120 "$PYTHON" benchmarks/train_step.py --config=configs/iar.py:l --batch="$TRAIN_B" --steps=5 --dtype=bfloat16 --attention=dot_product
 
 # If time is left: the nn.scan weight layout for comparison (unroll=0).
 step decode_b_scan 60 "$PYTHON" benchmarks/sample_speed.py --config=configs/iar.py:b --batch=64 \

@@ -72,3 +72,13 @@ def test_collective_inventory_of_hand_written_hlo():
     assert inv["all-reduce"] == {"count": 1, "bytes": 4}
     assert inv["all-to-all"]["count"] == inv["collective-permute"]["count"] == 0
     assert np.isclose(aot.hbm_bytes(type("D", (), {"device_kind": "TPU v5p"})()), 95 * 2 ** 30)
+
+
+@needs_libtpu
+def test_pallas_flash_attention_lowers_for_tpu(v5e_2x2):
+    """model.attention=pallas_flash: the train step runs the Pallas TPU kernel (a TPU custom call),
+    forward and gradient, per shard; 16x16 tokens make the 256-long sequence the kernel's blocks tile."""
+    config = load_config("configs/iar.py:tiny,grid=16", **{"model.attention": "pallas_flash"})
+    r = aot.prove(config, "v5e:2x2", "train", v5e_2x2)
+    assert "attention_pallas_flash" in r["attention_kernels"] and "tpu_custom_call" in r["attention_kernels"]
+    assert r["headroom"] >= 0.10
