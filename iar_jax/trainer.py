@@ -236,9 +236,11 @@ def make_source(config, spec):
 
 
 def train_and_evaluate(config, workdir: str, source=None, devices=None, num_steps: Optional[int] = None,
-                       log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None):
+                       log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None,
+                       step_fn: Optional[Callable[[int, Dict[str, Any]], None]] = None):
     """Trains (resuming from `workdir`) until config.train.num_steps; returns (trainer, state).
-    `log_fn(step, mean_metrics)` is also called at every log interval (e.g. a progress bar)."""
+    `log_fn(step, mean_metrics)` is also called at every log interval (e.g. a progress bar),
+    `step_fn(step, device_metrics)` after every step (reading a metric waits for that step)."""
     from clu import metric_writers, parameter_overview, periodic_actions
 
     trainer = Trainer(config, devices)
@@ -270,11 +272,13 @@ def train_and_evaluate(config, workdir: str, source=None, devices=None, num_step
             return
         rows = jax.device_get([m for _, m in pending])
         for (s, _), row in zip(pending, rows):
-            if not (np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"])):
+            bad = [f"{k} {row[k]}" for k in ("loss", "grad_norm") if not np.isfinite(row[k])]
+            if bad:
                 where = f"step {last_saved} in {ckpt.directory}" if last_saved is not None else "none saved yet"
                 raise NonFiniteLossError(
-                    f"non-finite loss ({row['loss']}) / grad norm ({row['grad_norm']}) at step {s}; stopped without "
-                    f"saving it (last good checkpoint: {where}); lower optim.lr or check the data")
+                    f"non-finite {' and '.join(bad)} at step {s} (loss {row['loss']:.4g}, grad norm "
+                    f"{row['grad_norm']:.4g}); stopped without saving it (last good checkpoint: {where}); "
+                    "lower optim.lr or check the data")
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         writer.write_scalars(pending[-1][0], mean)
         if log_fn is not None:
@@ -297,6 +301,8 @@ def train_and_evaluate(config, workdir: str, source=None, devices=None, num_step
                 pending.append((step, metrics))
                 for h in hooks:
                     h(step)
+                if step_fn is not None:
+                    step_fn(step, metrics)
                 if step % log_every == 0 or step == total:
                     flush()
                 if step % ckpt_every == 0 or step == total:

@@ -1,4 +1,4 @@
-"""`iar-jax sample`: class-conditional samples -> DIR/samples.npz (ADM format) + DIR/grid.png.
+r"""`iar-jax sample`: class-conditional samples -> DIR/samples.npz (ADM format) + DIR/grid.png.
 
     iar-jax sample --config=configs/iar.py:b --workdir=/ckpt/iar_b --checkpoint=ema \
         --tokenizer=/weights/vq_ds16_c2i.pt --per_class=50 --out=/samples/iar_b \

@@ -503,11 +503,13 @@ def _meta(trainer: TokenizerTrainer) -> Dict[str, Any]:
 
 def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarray] = None,
                        eval_images: Optional[np.ndarray] = None, num_steps: Optional[int] = None,
-                       log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None, devices=None):
+                       log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None, devices=None,
+                       step_fn: Optional[Callable[[int, Dict[str, Any]], None]] = None):
     """Trains (resuming from `workdir/checkpoints`, if a workdir is given) and evaluates.
 
     Returns (trainer, state, eval_metrics). Without a workdir nothing is written (benchmarks, tests).
-    `log_fn(step, mean_metrics)` is called at every log interval; `devices` defaults to all devices.
+    `log_fn(step, mean_metrics)` is called at every log interval, `step_fn(step, device_metrics)`
+    after every step; `devices` defaults to all devices.
     """
     from iar_jax import checkpointing, sharding
     from iar_jax.tokenizer import data as data_lib
@@ -592,6 +594,8 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
                 state, metrics = trainer.train_step(state, global_batch(step), jax.random.fold_in(rng, step))
                 step += 1
                 pending.append((step, metrics))
+                if step_fn is not None:
+                    step_fn(step, metrics)
                 if step % log_every == 0 or step == total:
                     flush(step)
                 if ckpt is not None and (step % ckpt_every == 0 or step == total):
