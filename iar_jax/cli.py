@@ -79,8 +79,8 @@ def _make_parser(prog: str, module):
         try:
             rest = flags.FLAGS(args)
             for f in flags.FLAGS.get_flags_for_module(module.__name__):
-                if f.flag_type() == "config object" and f.present:
-                    f.value  # noqa: B018  (a missing config file only raises when first read)
+                if f.flag_type() == "config object" and f.value is not None:
+                    getattr(f.value, "get")  # a config file that failed to load raises only when first read
             return rest
         except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
             sys.exit(f"{prog}: error: {_parse_error(e, args)}")

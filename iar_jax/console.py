@@ -3,6 +3,7 @@ work (one-line errors naming the flag and the fix), the live training progress l
 config written to WORKDIR/config.json instead of the log."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -74,6 +75,36 @@ def check_config_paths(config, fields: Dict[str, str]) -> None:
             node = node.get(part) if hasattr(node, "get") else None
         if node:
             check_input(str(node), f"--config.{key}", kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quiet libraries
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """fd 2 to /dev/null (C++ libraries write there directly, past sys.stderr)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def import_tensorflow_quietly() -> None:
+    """TensorFlow (imported by clu's metric writers) prints absl's "before InitializeLog" warning and
+    a oneDNN note at import, twice, whatever TF_CPP_MIN_LOG_LEVEL says; hide them unless logging
+    at INFO (--verbosity=0)."""
+    from absl import logging
+
+    if "tensorflow" in sys.modules or logging.get_verbosity() >= logging.INFO:
+        return
+    with native_stderr_silenced():
+        import tensorflow  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,10 +19,14 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Also show the logs (INFO and up)
 
 def main(argv):
     del argv
+    from iar_jax import console
+
     if not _VERBOSE.value:
         logging.set_verbosity(logging.ERROR)  # the progress bars and the summary say what happens
-    runtime.setup()
     from iar_jax import demo
 
+    workdir = console.check_output_dir(_WORKDIR.value or demo.default_workdir(_VARIANT.value), "--workdir")
+    console.import_tensorflow_quietly()
+    runtime.setup()
     config = demo.get_config(_VARIANT.value, _PRESET.value)
-    demo.run(config, _WORKDIR.value or demo.default_workdir(_VARIANT.value), progress=_PROGRESS.value)
+    demo.run(config, workdir, progress=_PROGRESS.value)

@@ -17,6 +17,10 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
+    from iar_jax import console
+
+    console.check_output_dir(_WORKDIR.value, "--workdir")
+    console.import_tensorflow_quietly()
     runtime.setup()
     import json
     import time

@@ -39,6 +39,12 @@ flags.mark_flags_as_required(["tokenizer", "out"])
 
 def main(argv):
     del argv
+    from iar_jax import console
+
+    console.check_input(_TOKENIZER.value, "--tokenizer", fix="pass a train_tokenizer workdir or a VQ .pt file")
+    if _DATA_PATH.value:
+        console.check_input(_DATA_PATH.value, "--data_path", fix="pass the dataset's folder or file")
+    console.check_output_dir(_OUT.value, "--out")
     runtime.setup()
     import jax
 

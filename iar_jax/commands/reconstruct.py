@@ -25,6 +25,12 @@ flags.mark_flags_as_required(["tokenizer", "out"])
 
 def main(argv):
     del argv
+    from iar_jax import console
+
+    console.check_input(_TOKENIZER.value, "--tokenizer", fix="pass a train_tokenizer workdir or a VQ .pt file")
+    if _IMAGE_DIR.value:
+        console.check_input(_IMAGE_DIR.value, "--image_dir", "dir")
+    console.check_output_dir(_OUT.value, "--out")
     runtime.setup()
     import jax
 

@@ -66,6 +66,7 @@ def main(argv):
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     check_inputs(config, workdir)
+    console.import_tensorflow_quietly()
     runtime.setup()
     import jax
 

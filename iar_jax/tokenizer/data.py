@@ -138,12 +138,11 @@ class FolderBatches(ArrayBatches):
         return len(self.files)
 
     def _load(self, args):
-        from PIL import Image
+        from iar_jax.data.datasets import decode_image
 
         path, key = args
         rng = np.random.default_rng(key)
-        with Image.open(path) as im:
-            arr = random_crop(im.convert("RGB" if self.channels == 3 else "L"), self.image_size, rng)
+        arr = random_crop(decode_image(path, "RGB" if self.channels == 3 else "L"), self.image_size, rng)
         if self.flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         return arr
@@ -166,6 +165,8 @@ def load_image_files(directory: str, image_size: int, limit: Optional[int] = Non
     """
     from PIL import Image
 
+    from iar_jax.data.datasets import decode_image
+
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs if f.lower().endswith(exts))
     if not files:
@@ -173,7 +174,7 @@ def load_image_files(directory: str, image_size: int, limit: Optional[int] = Non
     files = files[:limit] if limit else files
     out = []
     for path in files:
-        im = Image.open(path).convert("RGB" if channels == 3 else "L")
+        im = decode_image(path, "RGB" if channels == 3 else "L")
         w, h = im.size
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
