@@ -99,7 +99,7 @@ def main(argv=None) -> None:
         sys.exit(0 if len(argv) >= 2 else 2)
     name = argv[1]
     if name not in SUBCOMMANDS:
-        sys.exit(f"iar-jax: unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)} (iar-jax --help)")
+        sys.exit(f"iar-jax: error: unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)} (iar-jax --help)")
     verbose = any(a.startswith(("--verbosity", "-v=")) for a in argv[2:])
     if not verbose:  # C++ (XLA, TensorFlow) INFO/WARNING lines; must be set before those libraries load
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -114,8 +114,6 @@ def main(argv=None) -> None:
         sys.exit(0)
     from absl import app, logging
 
-    from iar_jax.runtime import NonFiniteLossError
-
     prog = f"iar-jax {name}"
 
     def run(args):
@@ -123,7 +121,7 @@ def main(argv=None) -> None:
             logging.set_verbosity(logging.WARNING)
         try:
             return module.main(args)
-        except (ValueError, NonFiniteLossError) as e:  # bad input / non-finite loss: one line, no traceback
+        except (ValueError, FloatingPointError) as e:  # bad input / runtime.NonFiniteLossError: one line
             sys.exit(f"{prog}: error: {e}")
         except OSError as e:  # a path the checks did not foresee: still one line, naming the file
             sys.exit(f"{prog}: error: {e}; check the path and its permissions")

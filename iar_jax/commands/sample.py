@@ -16,7 +16,6 @@ num_samples not divisible by the global batch is fine: the last batch is padded 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from iar_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config, e.g. configs/iar.py:b", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Train workdir or `iar-jax convert` output holding the model params")
@@ -77,6 +76,8 @@ def check_inputs() -> None:
 def main(argv):
     del argv
     check_inputs()
+    from iar_jax import runtime
+
     runtime.setup()
     import jax
 

@@ -62,27 +62,36 @@ def check_source(source, config, path: str) -> None:
 
 def main(argv):
     del argv
-    from iar_jax import console, runtime
+    from iar_jax import console
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     check_inputs(config, workdir)
-    console.import_tensorflow_quietly()
-    runtime.setup()
-    import jax
-
     from iar_jax import trainer
     from iar_jax.families import get_family
 
-    source = trainer.make_source(config, get_family(config.model_family).batch_spec(config))
-    if config.data.source != "synthetic":
-        check_source(source, config, config.data.path)
+    def source():
+        src = trainer.make_source(config, get_family(config.model_family).batch_spec(config))
+        if config.data.source != "synthetic":
+            check_source(src, config, config.data.path)
+        return src
+
+    # In-memory codes are checked before anything starts; records may load the tokenizer, which
+    # must wait for the multi-host setup.
+    src = None if config.data.source == "records" else source()
+    console.import_tensorflow_quietly()
+    from iar_jax import runtime
+
+    runtime.setup()
+    import jax
+
+    src = src if src is not None else source()
     main_process = jax.process_index() == 0
     if main_process:
         logging.info("config: %s", console.write_config_json(config, workdir))
     total = int(config.train.num_steps)
     on_step, on_log, close = console.progress_hooks(total, "train", enabled=main_process)
     try:
-        _, state = trainer.train_and_evaluate(config, workdir, source=source, log_fn=on_log, step_fn=on_step)
+        _, state = trainer.train_and_evaluate(config, workdir, source=src, log_fn=on_log, step_fn=on_step)
     finally:
         close()
     step = int(jax.device_get(state["step"]))

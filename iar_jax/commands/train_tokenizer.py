@@ -31,11 +31,13 @@ def check_inputs(config, workdir: str) -> None:
 
 def main(argv):
     del argv
-    from iar_jax import console, runtime
+    from iar_jax import console
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     check_inputs(config, workdir)
     console.import_tensorflow_quietly()
+    from iar_jax import runtime
+
     runtime.setup()
     import jax
 
