@@ -265,3 +265,55 @@ def test_config_json_keeps_an_earlier_different_config(tmp_path):
     import json
 
     assert json.load(open(path))["train"]["num_steps"] == 7
+
+
+# ----------------------------------------------------------------------------------------------
+# Installs and launch scripts
+
+
+def test_accelerator_extras_share_the_jax_pin():
+    import ast
+
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    pin = next(n.value.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "JAX")
+    call = next(n.value for n in tree.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call))
+    kw = {k.arg: k.value for k in call.keywords}
+    extras = {ast.literal_eval(k): [ast.unparse(e) for e in v.elts] for k, v in zip(kw["extras_require"].keys,
+                                                                                     kw["extras_require"].values)}
+    assert "'jax' + JAX" in [ast.unparse(e) for e in kw["install_requires"].elts]
+    assert extras["cuda12"] == ["'jax[cuda12]' + JAX"] and extras["tpu"] == ["'jax[tpu]' + JAX"]
+    assert pin.startswith((">=", "=="))
+
+
+def _bash(script, *args, env=None):
+    return subprocess.run(["bash", os.path.join(REPO, "launch", script), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=60)
+
+
+def _words(line):
+    """How bash splits a printed command line (pasting it)."""
+    p = subprocess.run(["bash", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "_", line], capture_output=True,
+                       text=True, check=True)
+    return p.stdout.split("\0")[:-1]
+
+
+def test_launch_scripts_need_the_repo_and_print_pasteable_commands():
+    p = _bash("tpu_pod.sh", "--dry-run", "--workdir=gs://b/run", env={"IAR_JAX_REPO": ""})
+    assert p.returncode == 2 and "--repo" in p.stderr and p.stdout == ""
+    extra = "--config.data.path=gs://b/my codes"
+    p = _bash("tpu_pod.sh", "--dry-run", "--repo=https://example.org/u/iar-jax.git", "--workdir=gs://b/run",
+              "--", extra)
+    assert p.returncode == 0, p.stderr
+    create, setup, train = p.stdout.strip().splitlines()
+    assert _words(create)[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+    setup_cmd = _words(setup)[-1].split("=", 1)[1]
+    assert "git clone https://example.org/u/iar-jax.git iar-jax" in setup_cmd and "'.[tpu]'" in setup_cmd
+    train_cmd = _words(train)[-1].split("=", 1)[1]  # the remote shell parses it once more
+    import shlex
+
+    assert shlex.split(train_cmd) == ["cd", "iar-jax", "&&", "iar-jax", "train", "--config=configs/iar.py:b",
+                                 "--workdir=gs://b/run", extra]
+    p = _bash("gpu_node.sh", "--dry-run", "--install", "--workdir=/ckpt/run", "--", extra)
+    install, cmd = p.stdout.strip().splitlines()
+    assert _words(install) == ["pip", "install", "-e", REPO + "[cuda12]"]
+    assert _words(cmd)[1:] == ["iar-jax", "train", "--config=configs/iar.py:b", "--workdir=/ckpt/run", extra]
