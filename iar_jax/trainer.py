@@ -270,18 +270,20 @@ RESTORE_MODES = ("auto", "params_only", "start_over")
 
 
 def train_and_evaluate(config, workdir: str, source=None, devices=None, num_steps: Optional[int] = None,
-                       log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None):
+                       log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None,
+                       step_fn: Optional[Callable[[int, Dict[str, Any]], None]] = None):
     """Trains (resuming from `workdir`) until config.train.num_steps; returns (trainer, state);
     `trainer.preempted` tells a run stopped by SIGTERM (after saving) from a finished one.
-    `log_fn(step, mean_metrics)` is also called at every log interval (e.g. a progress bar)."""
+    `log_fn(step, mean_metrics)` is also called at every log interval (e.g. a progress bar),
+    `step_fn(step, device_metrics)` after every step (reading a metric waits for that step)."""
     mode = config.train.get("restore", "auto")
     if mode not in RESTORE_MODES:
         raise ValueError(f"config.train.restore={mode!r}; use one of {', '.join(RESTORE_MODES)}")
     with checkpointing.WorkdirLock(workdir):  # before any compile: a second trainer on this workdir fails at once
-        return _train_locked(config, workdir, mode, source, devices, num_steps, log_fn)
+        return _train_locked(config, workdir, mode, source, devices, num_steps, log_fn, step_fn)
 
 
-def _train_locked(config, workdir, mode, source, devices, num_steps, log_fn):
+def _train_locked(config, workdir, mode, source, devices, num_steps, log_fn, step_fn):
     from clu import metric_writers, parameter_overview, periodic_actions
 
     trainer = Trainer(config, devices)
@@ -327,11 +329,13 @@ def _train_locked(config, workdir, mode, source, devices, num_steps, log_fn):
             return
         rows = jax.device_get([m for _, m in pending])
         for (s, _), row in zip(pending, rows):
-            if not (np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"])):
+            bad = [f"{k} {row[k]}" for k in ("loss", "grad_norm") if not np.isfinite(row[k])]
+            if bad:
                 where = f"step {last_saved} in {ckpt.directory}" if last_saved is not None else "none saved yet"
                 raise NonFiniteLossError(
-                    f"non-finite loss ({row['loss']}) / grad norm ({row['grad_norm']}) at step {s}; stopped without "
-                    f"saving it (last good checkpoint: {where}); lower optim.lr or check the data")
+                    f"non-finite {' and '.join(bad)} at step {s} (loss {row['loss']:.4g}, grad norm "
+                    f"{row['grad_norm']:.4g}); stopped without saving it (last good checkpoint: {where}); "
+                    "lower optim.lr or check the data")
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         writer.write_scalars(pending[-1][0], mean)
         if log_fn is not None:
@@ -354,6 +358,8 @@ def _train_locked(config, workdir, mode, source, devices, num_steps, log_fn):
                 pending.append((step, metrics))
                 for h in hooks:
                     h(step)
+                if step_fn is not None:
+                    step_fn(step, metrics)
                 if step % log_every == 0 or step == total:
                     flush()
                 if step % ckpt_every == 0 or step == total:

@@ -5,14 +5,15 @@
 #
 #   launch/gpu_multinode.sh --config=configs/iar.py:xl --workdir=/shared/iar_xl --coordinator=node0:1234 \
 #       --num_nodes=4 --node_rank=0
-#   launch/gpu_multinode.sh ... --dry-run
+#   launch/gpu_multinode.sh ... --dry-run   # print the command (ready to paste) only
+#   launch/gpu_multinode.sh --install ...   # first pip install -e ".[cuda12]" on this node
 set -euo pipefail
-CONFIG=configs/iar.py:b; WORKDIR=; DRY=0; COORD=; NNODES=; RANK=; EXTRA=(); rest=0
+CONFIG=configs/iar.py:b; WORKDIR=; DRY=0; INSTALL=0; COORD=; NNODES=; RANK=; EXTRA=(); rest=0
 for a in "$@"; do
   if [[ $rest == 1 ]]; then EXTRA+=("$a"); continue; fi
   case "$a" in
     --config=*) CONFIG=${a#*=};; --workdir=*) WORKDIR=${a#*=};; --coordinator=*) COORD=${a#*=};;
-    --num_nodes=*) NNODES=${a#*=};; --node_rank=*) RANK=${a#*=};; --dry-run) DRY=1;; --) rest=1;;
+    --num_nodes=*) NNODES=${a#*=};; --node_rank=*) RANK=${a#*=};; --dry-run) DRY=1;; --install) INSTALL=1;; --) rest=1;;
     -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "unknown flag $a (see --help)" >&2; exit 2;;
   esac
@@ -24,5 +25,12 @@ if [[ -z "${SLURM_NTASKS:-}" ]]; then
 fi
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 CMD=(iar-jax train "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA[@]}")
-echo "+ JAX_COORDINATOR_ADDRESS=${JAX_COORDINATOR_ADDRESS:-<slurm>} JAX_PROCESS_ID=${JAX_PROCESS_ID:-<slurm>} ${CMD[*]}"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [[ $INSTALL == 1 ]]; then
+  printf '%q ' pip install -e "$ROOT[cuda12]" | sed 's/ $//'; echo
+  [[ $DRY == 1 ]] || pip install -e "$ROOT[cuda12]"
+fi
+# Pasteable: the variables JAX reads, then the command (under SLURM, JAX reads SLURM's own).
+for v in JAX_COORDINATOR_ADDRESS JAX_NUM_PROCESSES JAX_PROCESS_ID; do [[ -n "${!v:-}" ]] && printf '%s=%q ' "$v" "${!v}"; done
+printf 'XLA_FLAGS=%q ' "$XLA_FLAGS"; printf '%q ' "${CMD[@]}" | sed 's/ $//'; echo
 [[ $DRY == 1 ]] || exec "${CMD[@]}"

@@ -115,3 +115,40 @@ def test_interrupted_training_continues_from_its_checkpoint(workdir):
     for a, b in zip(*(__import__("jax").tree_util.tree_leaves(t) for t in (want, got))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert all(os.path.isfile(os.path.join(workdir, s, "done.json")) for s in STAGES)
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run([sys.executable, "-m", "iar_jax.cli", *args], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert p.returncode == 0, (args[0], p.stdout[-2000:] + p.stderr[-4000:])
+    return p
+
+
+def test_train_sample_evaluate_on_the_demo_outputs(workdir, tmp_path):
+    """README "Train on your own codes": the CLI from the demo's codes to class accuracy. The labels
+    `sample` writes are the ones `evaluate` scores (settings as the smoke demo, so compiles are shared)."""
+    from iar_jax.evaluation import small_cnn
+
+    cfg = "--config=configs/iar.py:tiny,grid=7,vocab=512,cluster=16"
+    tok, mapping = os.path.join(workdir, "tokenizer"), os.path.join(workdir, "rearrange", "mapping.npy")
+    model, samples, report = tmp_path / "model", tmp_path / "samples", tmp_path / "report.json"
+    p = run_cli("train", cfg, f"--workdir={model}", "--config.data.source=records",
+                f"--config.data.path={os.path.join(workdir, 'codes')}", f"--config.data.tokenizer={tok}",
+                f"--config.loss.mapping_file={mapping}", "--config.train.num_steps=2", "--config.train.global_batch=8",
+                "--config.train.log_every=2", "--config.optim.lr=1e-3", "--config.optim.warmup_steps=0",
+                "--config.data.num_workers=0")
+    assert "trained to step 2" in p.stdout and "step 2/2" in p.stderr
+    assert json.load(open(model / "config.json"))["loss"]["mapping_file"] == mapping
+    run_cli("sample", cfg, f"--workdir={model}", f"--tokenizer={tok}", f"--mapping_file={mapping}", "--per_class=2",
+            "--global_batch=20", f"--out={samples}")
+    run_cli("evaluate", "--feature=small_cnn", f"--samples={samples / 'samples.npz'}",
+            "--ref=fashion_mnist_embedded:test", f"--out={report}", "--noprogress")
+    r = json.load(open(report))
+    with np.load(samples / "samples.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
+    pred = small_cnn.predict(small_cnn.load_params(), images)["logits"].argmax(-1)
+    assert r["class_accuracy"] == pytest.approx(float(np.mean(pred == labels)))
+    assert r["num_samples"] == 20 and r["num_ref_images"] == 1000 and math.isfinite(r["fid"])

@@ -238,7 +238,9 @@ def test_make_spec_and_errors():
 
 def test_vocab_mismatch_error():
     gen.check_vocab((256, 4096), (256, 4096))
-    with pytest.raises(ValueError, match=r"predicts vocab \(16384,\) but the tokenizer has \(8192,\) codes; use the"):
+    # The config is what the user passes wrong: the message names it, not the checkpoint.
+    with pytest.raises(ValueError, match=r"config's model has vocab \(16384,\) \(config.model.vocab_size\) but the "
+                                         r"tokenizer has \(8192,\) codes; pass the config"):
         gen.check_vocab((16384,), (8192,))
 
 

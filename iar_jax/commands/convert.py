@@ -3,11 +3,14 @@
     iar-jax convert --kind=llamagen_gpt --config=configs/iar.py:b --torch=c2i_B_256.pt --out=DIR
     iar-jax convert --kind=llamagen_gpt --config=configs/iar.py:b --params=WORKDIR_OR_DIR --to_torch=out.pt [--ema]
 """
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config describing the model (configs/FILE.py:ARG).")
-_KIND = flags.DEFINE_string("kind", None, "llamagen_gpt | iar2_gpt | llamagen_vq | iar2_vq | lpips")
+_KIND = flags.DEFINE_enum("kind", None, ["llamagen_gpt", "iar2_gpt", "llamagen_vq", "iar2_vq", "lpips"],
+                          "Checkpoint kind")
 _TORCH = flags.DEFINE_string("torch", None, "PyTorch checkpoint to convert to Flax.")
 _OUT = flags.DEFINE_string("out", None, "Directory for the converted Flax params (must not exist yet).")
 _PARAMS = flags.DEFINE_string("params", None, "Flax params dir or train workdir to export to PyTorch.")
@@ -33,10 +36,35 @@ def model_config_for(kind: str, config):
     return None
 
 
+def check_inputs() -> None:
+    """Paths and the torch install, before any checkpoint is read or written."""
+    import importlib.util
+
+    from iar_jax import console
+
+    if _TORCH.value:
+        console.check_input(_TORCH.value, "--torch", "file", "pass the official .pt/.pth checkpoint")
+        if not _OUT.value:
+            raise ValueError("--torch needs --out=DIR for the Flax params")
+        if os.path.exists(_OUT.value):
+            raise ValueError(f"--out={_OUT.value} exists; choose a new directory (nothing is overwritten)")
+        console.check_output_dir(_OUT.value, "--out")
+        if importlib.util.find_spec("torch") is None:
+            raise ValueError(f"reading --torch={_TORCH.value} needs PyTorch: pip install -e '.[torch]'")
+    elif _PARAMS.value:
+        console.check_input(_PARAMS.value, "--params", "dir", "pass a Flax params dir or a train workdir")
+        if not _TO_TORCH.value:
+            raise ValueError("--params needs --to_torch=FILE.pt")
+        console.check_output_file(_TO_TORCH.value, "--to_torch", exist_ok=False)
+        if importlib.util.find_spec("torch") is None:
+            raise ValueError(f"writing --to_torch={_TO_TORCH.value} needs PyTorch: pip install -e '.[torch]'")
+    else:
+        raise ValueError("pass --torch=CKPT --out=DIR (import) or --params=DIR --to_torch=FILE (export)")
+
+
 def main(argv):
     del argv
-    import os
-
+    check_inputs()
     from iar_jax import checkpointing
     from iar_jax.convert import from_torch, load_torch_file, to_torch
 
@@ -48,20 +76,12 @@ def main(argv):
 
         meta.update(model_family=config.model_family, model=structural_model_meta(config))
     if _TORCH.value:
-        if not _OUT.value:
-            raise ValueError("--torch needs --out=DIR for the Flax params")
         params = from_torch(load_torch_file(_TORCH.value), kind, model_cfg)
         checkpointing.save_params(_OUT.value, params, dict(meta, source=os.path.abspath(_TORCH.value)))
         print(f"wrote Flax params of {kind} to {_OUT.value}")
     elif _PARAMS.value:
-        if not _TO_TORCH.value:
-            raise ValueError("--params needs --to_torch=FILE.pt")
-        if os.path.exists(_TO_TORCH.value):
-            raise ValueError(f"{_TO_TORCH.value} exists; choose a new file (nothing is overwritten)")
         params, _ = checkpointing.load_params(_PARAMS.value, ema=_EMA.value)
         import torch
 
         torch.save(to_torch(params, kind, model_cfg, as_torch=True), _TO_TORCH.value)
         print(f"wrote PyTorch state dict of {kind} to {_TO_TORCH.value}")
-    else:
-        raise ValueError("pass --torch=CKPT --out=DIR (import) or --params=DIR --to_torch=FILE (export)")

@@ -8,7 +8,6 @@ About 5 minutes on a 2-core CPU (README: measured). Rerunning the same command r
 """
 from absl import flags, logging
 
-from iar_jax import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default ~/iar-jax-demo/VARIANT); rerun to resume")
 _VARIANT = flags.DEFINE_enum("variant", "iar", ["iar", "iar2"], "iar: cluster loss; iar2: dual codebook")
@@ -19,11 +18,17 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Also show the logs (INFO and up)
 
 def main(argv):
     del argv
+    from iar_jax import console
+
     if not _VERBOSE.value:
         logging.set_verbosity(logging.ERROR)  # the progress bars and the summary say what happens
-    runtime.setup()
     from iar_jax import demo
 
+    workdir = console.check_output_dir(_WORKDIR.value or demo.default_workdir(_VARIANT.value), "--workdir")
+    console.import_tensorflow_quietly()
+    from iar_jax import runtime
+
+    runtime.setup()
     config = demo.get_config(_VARIANT.value, _PRESET.value)
     runtime.resolve_kernels(config.model)
-    demo.run(config, _WORKDIR.value or demo.default_workdir(_VARIANT.value), progress=_PROGRESS.value)
+    demo.run(config, workdir, progress=_PROGRESS.value)

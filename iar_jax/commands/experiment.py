@@ -4,19 +4,27 @@ Baseline (token CE) vs IAR (token CE + cluster CE) on Fashion-MNIST codes, sever
 FID curves; writes DIR/curves.png, DIR/table.md, DIR/table.json (see `iar_jax.experiment`).
 Rerunning the same command resumes: finished stages, runs and FID points are kept.
 """
+import os
+
 from absl import flags, logging
 from ml_collections import config_flags
 
-from iar_jax import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/repro_fmnist.py", "Experiment config",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "configs", "repro_fmnist.py"), "Experiment config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory; resumed if it exists.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
     del argv
+    from iar_jax import console
+
+    console.check_output_dir(_WORKDIR.value, "--workdir")
+    console.import_tensorflow_quietly()
+    from iar_jax import runtime
+
     runtime.setup()
     import json
     import time

@@ -16,7 +16,6 @@ import json
 from absl import flags, logging
 from ml_collections import config_flags
 
-from iar_jax import runtime
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,
                                  "train_tokenizer workdir or official .pt/.pth file (original codebook)")
@@ -39,10 +38,21 @@ flags.mark_flags_as_required(["tokenizer", "out"])
 
 def main(argv):
     del argv
+    from iar_jax import console
+    from iar_jax.data import datasets
+
+    if _DATASET.value not in datasets.NAMES:
+        raise ValueError(f"--dataset={_DATASET.value!r} is unknown; use one of {', '.join(datasets.NAMES)}")
+    console.check_input(_TOKENIZER.value, "--tokenizer", fix="pass a train_tokenizer workdir or a VQ .pt file")
+    if _DATA_PATH.value:
+        console.check_input(_DATA_PATH.value, "--data_path", fix="pass the dataset's folder or file")
+    console.check_output_dir(_OUT.value, "--out")
+    from iar_jax import runtime
+
     runtime.setup()
     import jax
 
-    from iar_jax.data import datasets, extract
+    from iar_jax.data import extract
     from iar_jax.tokenizer.checkpoint import load_tokenizer
 
     extract.refuse_rearranged(_TOKENIZER.value)

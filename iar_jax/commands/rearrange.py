@@ -31,7 +31,12 @@ flags.mark_flags_as_required(["tokenizer", "out"])
 
 def main(argv):
     del argv
-    from iar_jax import runtime
+    from iar_jax import console, runtime
+
+    console.check_input(_TOKENIZER.value, "--tokenizer", fix="pass a train_tokenizer workdir or a VQ .pt file")
+    console.check_output_dir(_OUT.value, "--out")
+    if _CLUSTER.value < 1:
+        raise ValueError(f"--cluster_size={_CLUSTER.value} must be positive (IAR: 128 for 16384 codes)")
     from iar_jax.rearrange import rearrange_tokenizer
 
     runtime.setup()

@@ -10,7 +10,6 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from iar_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Tokenizer config (data settings; model settings when the checkpoint has none)")
@@ -25,6 +24,14 @@ flags.mark_flags_as_required(["tokenizer", "out"])
 
 def main(argv):
     del argv
+    from iar_jax import console
+
+    console.check_input(_TOKENIZER.value, "--tokenizer", fix="pass a train_tokenizer workdir or a VQ .pt file")
+    if _IMAGE_DIR.value:
+        console.check_input(_IMAGE_DIR.value, "--image_dir", "dir")
+    console.check_output_dir(_OUT.value, "--out")
+    from iar_jax import runtime
+
     runtime.setup()
     import jax
 

@@ -1,4 +1,4 @@
-"""`iar-jax sample`: class-conditional samples -> DIR/samples.npz (ADM format) + DIR/grid.png.
+r"""`iar-jax sample`: class-conditional samples -> DIR/samples.npz (ADM format) + DIR/grid.png.
 
     iar-jax sample --config=configs/iar.py:b --workdir=/ckpt/iar_b --checkpoint=ema \
         --tokenizer=/weights/vq_ds16_c2i.pt --per_class=50 --out=/samples/iar_b \
@@ -16,7 +16,6 @@ num_samples not divisible by the global batch is fine: the last batch is padded 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from iar_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config, e.g. configs/iar.py:b", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Train workdir or `iar-jax convert` output holding the model params")
@@ -42,8 +41,43 @@ _TOP_K = flags.DEFINE_string("top_k", "0", "0 = off")
 _TOP_P = flags.DEFINE_string("top_p", "1.0", "1 = off; must be in (0, 1]")
 flags.mark_flags_as_required(["config", "workdir", "tokenizer", "out"])
 
+
+def _numbers(kind):
+    def ok(value):
+        if value is None:
+            return True
+        try:
+            [kind(v) for v in value.split(",")]
+        except ValueError:
+            return False
+        return True
+
+    return ok
+
+
+for _flag, _kind in ((_CFG_SCALE, float), (_CFG_TOKENS, int), (_CFG_START, float), (_CFG_END, float),
+                     (_W_ATTN, float), (_TEMPERATURE, float), (_TOP_K, int), (_TOP_P, float)):
+    flags.register_validator(_flag.name, _numbers(_kind),
+                             f"--{_flag.name} takes {'an integer' if _kind is int else 'a number'} or one per "
+                             "sub-token, e.g. 2.0 or 1.5,3.0 (semantic,detail)")
+
+
+def check_inputs() -> None:
+    from iar_jax import console
+
+    console.check_input(_WORKDIR.value, "--workdir", "dir", "pass a train workdir or an `iar-jax convert` output")
+    console.check_input(_TOKENIZER.value, "--tokenizer", fix="pass a train_tokenizer workdir or a VQ .pt file")
+    mapping = _MAPPING.value if _MAPPING.value is not None else _CONFIG.value.get("loss", {}).get("mapping_file")
+    if mapping:
+        flag = "--mapping_file" if _MAPPING.value else "--config.loss.mapping_file"
+        console.check_input(mapping, flag, "file", "pass the mapping.npy of `iar-jax rearrange` (or '' for none)")
+    console.check_output_dir(_OUT.value, "--out")
+
 def main(argv):
     del argv
+    check_inputs()
+    from iar_jax import runtime
+
     runtime.setup()
     import jax
 

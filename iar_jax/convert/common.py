@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -147,8 +148,11 @@ def from_torch(state_dict: Mapping[str, Any], kind: str, model_config) -> Dict[s
         want = tuple(abstract[rule.path].shape)
         if rule.stack_index is not None:
             want = want[1:]
-        value = rule.to_flax(_to_numpy(sd[key]).astype(np.float32))
-        if tuple(value.shape) != want:
+        try:
+            value = rule.to_flax(_to_numpy(sd[key]).astype(np.float32))
+        except ValueError:  # a fused tensor of another size cannot even be split into heads
+            value = None
+        if value is None or tuple(value.shape) != want:
             bad_shapes.append(f"{key} {tuple(_to_numpy(sd[key]).shape)} (expected {tuple(rule.to_torch(np.zeros(want)).shape)})")
             continue
         if rule.stack_index is None:
@@ -208,4 +212,8 @@ def load_torch_file(path: str) -> Dict[str, Any]:
         import torch
     except ImportError as e:
         raise ConversionError(f"reading {path} needs PyTorch: pip install -e '.[torch]'") from e
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e}); pass the .pt/.pth file "
+                              "written by torch.save") from None

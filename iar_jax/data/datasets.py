@@ -134,6 +134,18 @@ def npz_dataset(path: str, num_classes: Optional[int] = None) -> ArrayDataset:
         return ArrayDataset(z["images"], z["labels"], num_classes, path)
 
 
+def decode_image(path: str, mode: str = "RGB"):
+    """A PIL image in `mode`; a truncated or non-image file is a one-line error naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot decode image {path} ({e}); replace or remove that file and rerun "
+                         "(finished work is kept)") from None
+
+
 class ImageFolder:
     """`root/<class>/<file>` images, decoded lazily with PIL (torchvision `ImageFolder` order)."""
 
@@ -154,11 +166,8 @@ class ImageFolder:
         return len(self.samples)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         path, label = self.samples[i]
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB"), label
+        return decode_image(path), label
 
 
 class TFDSImageNet:

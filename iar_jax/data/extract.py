@@ -258,10 +258,12 @@ def extract(dataset, encode_fn: Callable, out_dir: str, cfg: ExtractConfig, *, g
 
         bar = tqdm(total=sum(size(s) for s in mine), initial=sum(size(s) for s in mine if s not in todo),
                    unit="img", desc=f"extract codes (host {process_index})")
-    with concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_workers)) as pool:
-        for s in todo:
-            arrays = _encode_shard(dataset, s * r, s * r + size(s), encode_fn, meta, cfg, pool, bar)
-            _write_shard(shard_path(out_dir, meta, s), arrays, meta)
-    if bar is not None:
-        bar.close()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_workers)) as pool:
+            for s in todo:
+                arrays = _encode_shard(dataset, s * r, s * r + size(s), encode_fn, meta, cfg, pool, bar)
+                _write_shard(shard_path(out_dir, meta, s), arrays, meta)
+    finally:  # also on errors, so that an error message starts on its own line
+        if bar is not None:
+            bar.close()
     return meta

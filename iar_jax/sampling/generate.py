@@ -8,10 +8,11 @@
   chunk is decoded, so a killed run restarts at the first missing chunk.
 * num_samples need not divide by the global batch: the last chunk is PADDED with dummy samples
   (label 0) and trimmed before writing.
-* Output (process 0): `samples.npz` with `arr_0` uint8 [N, H, W, 3] (ADM evaluator format) and
-  `labels` [N]; `grid.png` with the first images. Images are converted like the reference scripts:
-  optional bicubic resize (PyTorch `F.interpolate(mode='bicubic')` weights, a = −0.75) of the
-  [-1, 1] decoder output, then clip(127.5·x + 128, 0, 255) truncated to uint8.
+* Output (process 0): `samples.npz` with `arr_0` uint8 [N, H, W, 3] and `arr_1` class labels [N]
+  (ADM evaluator format; the labels also as `labels`); `grid.png` with the first images. Images
+  are converted like the reference scripts: optional bicubic resize (PyTorch `F.interpolate(mode=
+  'bicubic')` weights, a = −0.75) of the [-1, 1] decoder output, then clip(127.5·x + 128, 0, 255)
+  truncated to uint8.
 """
 from __future__ import annotations
 
@@ -309,7 +310,8 @@ def _assemble(out_dir: str, chunk_dir: str, num_chunks: int, n: int, grid: int) 
             labels.append(lab)
             if sum(len(g) for g in grid_imgs) < grid:
                 grid_imgs.append(images[: grid - sum(len(g) for g in grid_imgs)])
-        writer.close(labels=np.concatenate(labels))
+        labels = np.concatenate(labels)
+        writer.close(arr_1=labels, labels=labels)  # arr_1: what `iar-jax evaluate` and the ADM tools read
     finally:
         if writer is not None:
             writer.abort()  # no-op once closed; else drops the partial samples.npz.tmp
@@ -384,8 +386,10 @@ def make_spec(sub_tokens, guidance: str = "constant", cfg_scale=None, cfg_start=
 def check_vocab(model_vocab, tokenizer_vocab) -> None:
     """One-line error when the AR model's vocabulary does not match the tokenizer's codebook(s)."""
     if tuple(model_vocab) != tuple(tokenizer_vocab):
-        raise ValueError(f"the model checkpoint predicts vocab {tuple(model_vocab)} but the tokenizer has "
-                         f"{tuple(tokenizer_vocab)} codes; use the tokenizer the model was trained on")
+        raise ValueError(f"the config's model has vocab {tuple(model_vocab)} (config.model.vocab_size) but the "
+                         f"tokenizer has {tuple(tokenizer_vocab)} codes; pass the config the model was trained "
+                         "with (its WORKDIR/config.json, e.g. configs/iar.py:tiny,grid=7,vocab=512 for the demo) "
+                         "and the tokenizer it was trained on")
 
 
 def vq_decoder(vq_cfg, vq_params) -> Callable:

@@ -1,8 +1,9 @@
 """Image batches for tokenizer training and evaluation.
 
-Sources (all offline): `fashion_mnist` (the Debian `dataset-fashion-mnist` idx files), `digits`
-(scikit-learn's 8×8 digits, for tests), `npz` (an `images` uint8 [N, H, W, C] array) held in
-memory, and `image_folder` (e.g. ImageNet `train/<class>/*.JPEG`) streamed with LlamaGen's
+Sources (all offline): the labelled datasets of `iar_jax.data.datasets` held in memory
+(`fashion_mnist_embedded`: the subset shipped with the package, `fashion_mnist`: the Debian
+`dataset-fashion-mnist` idx files, `digits`: scikit-learn's 8×8 digits), `npz` (an `images` uint8
+[N, H, W, C] array), and `image_folder` (e.g. ImageNet `train/<class>/*.JPEG`) streamed with LlamaGen's
 random-crop + flip augmentation (`FolderBatches`).
 Images are returned as float32 [N, H, W, C] in [-1, 1]; grayscale is repeated to `channels`;
 images smaller than `image_size` are padded with the background value (-1) evenly on each side.
@@ -12,41 +13,12 @@ uninterrupted run would have seen (random horizontal flips included).
 """
 from __future__ import annotations
 
-import gzip
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-def read_idx(path: str) -> np.ndarray:
-    """An idx(-gz) file (MNIST format) -> numpy array."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an idx file (bad magic); pass the Fashion-MNIST *-idx?-ubyte(.gz) files")
-    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[data[2]]
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion_mnist(split: str = "train", root: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """(uint8 images [N, 28, 28], int labels [N]) from the idx files."""
-    root = root or FASHION_MNIST_DIR
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"Fashion-MNIST split {split!r} does not exist; use 'train' or 'test'")
-    img = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
-    lab = os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz")
-    if not os.path.exists(img):
-        raise ValueError(
-            f"Fashion-MNIST not found at {img}; install it (apt-get install dataset-fashion-mnist) or set data.path"
-        )
-    return read_idx(img), read_idx(lab).astype(np.int64)
+IN_MEMORY = ("fashion_mnist_embedded", "embedded", "fashion_mnist", "digits")
 
 
 def to_model_range(images_uint8: np.ndarray, channels: int = 3, image_size: Optional[int] = None) -> np.ndarray:
@@ -71,22 +43,20 @@ def to_model_range(images_uint8: np.ndarray, channels: int = 3, image_size: Opti
 def load_images(name: str, split: str, channels: int, image_size: Optional[int], path: Optional[str] = None,
                 limit: Optional[int] = None) -> np.ndarray:
     """float32 [N, S, S, C] in [-1, 1] for one of the in-memory sources."""
-    if name == "fashion_mnist":
-        x, _ = fashion_mnist(split, path or None)
-    elif name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits().images  # [1797, 8, 8] in 0..16
-        n_test = 297
-        d = d[-n_test:] if split == "test" else d[:-n_test]
-        x = np.round(d * (255.0 / 16.0)).astype(np.uint8)
-    elif name == "npz":
+    if name == "npz":  # images only; labelled datasets go through iar_jax.data.datasets
         if not path or not os.path.exists(path):
             raise ValueError(f"data.path {path!r} does not exist; point it at an .npz with an 'images' array")
         with np.load(path) as f:
+            if "images" not in f.files:
+                raise ValueError(f"data.path {path} has arrays {f.files}; it needs 'images' (uint8 [N, H, W(, C)])")
             x = f["images"]
+    elif name in IN_MEMORY:
+        from iar_jax.data import datasets
+
+        x = datasets.load_dataset(name, split, path or None).images
     else:
-        raise ValueError(f"data.name {name!r} is not an in-memory source; use fashion_mnist, digits or npz")
+        raise ValueError(f"data.name {name!r} is not an in-memory source; use {', '.join(IN_MEMORY)}, npz or "
+                         "image_folder")
     if limit:
         x = x[:limit]
     return to_model_range(x, channels, image_size)
@@ -168,12 +138,11 @@ class FolderBatches(ArrayBatches):
         return len(self.files)
 
     def _load(self, args):
-        from PIL import Image
+        from iar_jax.data.datasets import decode_image
 
         path, key = args
         rng = np.random.default_rng(key)
-        with Image.open(path) as im:
-            arr = random_crop(im.convert("RGB" if self.channels == 3 else "L"), self.image_size, rng)
+        arr = random_crop(decode_image(path, "RGB" if self.channels == 3 else "L"), self.image_size, rng)
         if self.flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         return arr
@@ -196,6 +165,8 @@ def load_image_files(directory: str, image_size: int, limit: Optional[int] = Non
     """
     from PIL import Image
 
+    from iar_jax.data.datasets import decode_image
+
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs if f.lower().endswith(exts))
     if not files:
@@ -203,7 +174,7 @@ def load_image_files(directory: str, image_size: int, limit: Optional[int] = Non
     files = files[:limit] if limit else files
     out = []
     for path in files:
-        im = Image.open(path).convert("RGB" if channels == 3 else "L")
+        im = decode_image(path, "RGB" if channels == 3 else "L")
         w, h = im.size
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))

@@ -503,22 +503,24 @@ def _meta(trainer: TokenizerTrainer) -> Dict[str, Any]:
 
 def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarray] = None,
                        eval_images: Optional[np.ndarray] = None, num_steps: Optional[int] = None,
-                       log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None, devices=None):
+                       log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None, devices=None,
+                       step_fn: Optional[Callable[[int, Dict[str, Any]], None]] = None):
     """Trains (resuming from `workdir/checkpoints`, if a workdir is given) and evaluates.
 
     Returns (trainer, state, eval_metrics). Without a workdir nothing is written (benchmarks, tests).
-    `log_fn(step, mean_metrics)` is called at every log interval; `devices` defaults to all devices.
-    `trainer.preempted` tells a run stopped by SIGTERM (after saving) from a finished one.
+    `log_fn(step, mean_metrics)` is called at every log interval, `step_fn(step, device_metrics)`
+    after every step; `devices` defaults to all devices. `trainer.preempted` tells a run stopped by
+    SIGTERM (after saving) from a finished one.
     """
     from iar_jax import checkpointing
 
     if not workdir:
-        return _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices)
+        return _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices, step_fn)
     with checkpointing.WorkdirLock(workdir):  # one writer per workdir
-        return _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices)
+        return _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices, step_fn)
 
 
-def _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices):
+def _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices, step_fn):
     from iar_jax import checkpointing, sharding
     from iar_jax.tokenizer import data as data_lib
 
@@ -603,6 +605,8 @@ def _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn,
                 state, metrics = trainer.train_step(state, global_batch(step), jax.random.fold_in(rng, step))
                 step += 1
                 pending.append((step, metrics))
+                if step_fn is not None:
+                    step_fn(step, metrics)
                 if step % log_every == 0 or step == total:
                     flush(step)
                 if ckpt is not None and (step % ckpt_every == 0 or step == total):
