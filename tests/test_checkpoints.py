@@ -148,7 +148,7 @@ def _mesh_shardings(n_devices):
 def test_params_restore_onto_another_mesh_reads_only_params(workdir, trained, n_devices):
     _truncate(os.path.join(_ck(workdir), "6"), "opt")  # a full-state restore would fail here
     shardings = _mesh_shardings(n_devices)
-    params, meta = checkpointing.load_params(workdir, shardings=shardings)
+    params, meta = checkpointing.load_params(workdir, shardings=shardings, slice_bytes=1)  # one chunk at a time
     assert meta["step"] == 6
     for got, s, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings),
                             jax.tree_util.tree_leaves(trained[1]["params"])):
@@ -156,6 +156,48 @@ def test_params_restore_onto_another_mesh_reads_only_params(workdir, trained, n_
         np.testing.assert_array_equal(np.asarray(got), want)
     with pytest.raises(checkpointing.CheckpointKindError, match="has no ema_params"):
         checkpointing.load_params(workdir, ema=True)
+
+
+def test_pieces_cover_the_box_in_whole_chunks():
+    # rows 10..20 of 8-row chunks: cut at the chunk boundary 16; 4-byte items, 24 per row.
+    assert checkpointing._pieces([(10, 20), (0, 24)], [8, 24], 4, 1) == [[(10, 16), (0, 24)], [(16, 20), (0, 24)]]
+    # 16 rows' worth of bytes: two chunks a piece.
+    assert checkpointing._pieces([(0, 40), (0, 24)], [8, 24], 4, 16 * 96) == [
+        [(0, 16), (0, 24)], [(16, 32), (0, 24)], [(32, 40), (0, 24)]]
+    # axis 0 inside one chunk: cut along axis 1 instead; a box inside one chunk stays whole.
+    assert checkpointing._pieces([(0, 4), (0, 24)], [8, 12], 4, 1) == [[(0, 4), (0, 12)], [(0, 4), (12, 24)]]
+    assert checkpointing._pieces([(2, 6), (0, 24)], [8, 24], 4, 1) == [[(2, 6), (0, 24)]]
+
+
+@pytest.mark.parametrize("n_devices", [1, 4])
+def test_sliced_read_is_bit_identical(tmp_path, monkeypatch, n_devices):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((60, 24)).astype(np.float32)
+    w.flat[:4] = [np.nan, -0.0, np.inf, np.finfo(np.float32).tiny / 2]  # bits a value compare could miss
+    want = {"w": w, "b": rng.integers(-2**31, 2**31 - 1, (7,), dtype=np.int32)}
+    six = Mesh(np.array(jax.devices()[:6]), ("x",))  # saved in 10-row chunks (its shards)
+    saved = {"w": jax.device_put(w, NamedSharding(six, P("x"))), "b": want["b"]}
+    path = tmp_path / "item"
+    with ocp.StandardCheckpointer() as c:
+        c.save(path, saved)
+    md = ocp.PyTreeCheckpointHandler().metadata(path)
+    assert md.tree["w"].storage.chunk_shape == (10, 24)
+    counts = []
+    real = checkpointing._pieces
+    monkeypatch.setattr(checkpointing, "_pieces", lambda *a: counts.append(len(real(*a))) or real(*a))
+    mesh = Mesh(np.array(jax.devices()[:n_devices]).reshape(-1, 2 if n_devices == 4 else 1), ("a", "b"))
+    # 4 devices: 15-row shards across 10-row chunks, column shards, 2-D shards, replicated.
+    specs = [P(("a", "b")), P(None, ("a", "b")), P("a", "b"), P()] if n_devices == 4 else [P()]
+    for spec in specs:
+        shardings = {"w": NamedSharding(mesh, spec), "b": NamedSharding(mesh, P())}
+        got = checkpointing.read_arrays(path, md.use_zarr3, md.tree, shardings, slice_bytes=10 * 24 * 4)
+        assert got["w"].sharding == shardings["w"] and len(got["w"].sharding.device_set) == n_devices
+        for k, bits in (("w", np.uint32), ("b", np.int32)):
+            np.testing.assert_array_equal(np.asarray(got[k]).view(bits), want[k].view(bits))
+    # Pieces per distinct shard ("b" first: one chunk), worked out by hand from the boxes above.
+    assert counts == ([1, 6] if n_devices == 1 else [1, 2, 2, 2, 2] * 3 + [1, 6])
 
 
 def test_old_single_item_layout_still_loads(trained, tmp_path):
