@@ -198,9 +198,9 @@ def main(argv):
     if not FLAGS.samples or not FLAGS.ref:
         raise ValueError("pass --samples=S.npz and --ref=R.npz (ADM npz batches)")
     out = FLAGS.out or os.path.splitext(FLAGS.samples)[0] + ".metrics.json"
-    if os.path.exists(out) and not FLAGS.overwrite:  # checked before minutes of feature extraction
-        raise ValueError(f"{out} already exists; pass --overwrite to replace it, or --out=OTHER.json")
     console.check_output_file(out, "--out")  # before the minutes of feature extraction
+    if os.path.exists(out) and not FLAGS.overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it, or --out=OTHER.json")
     for role in ("samples", "ref"):
         check_batch(FLAGS[role].value, role, FLAGS.feature == "small_cnn")
     t0 = time.time()
