@@ -57,11 +57,13 @@ TARGETS = {
     "xxl": {24: ("v5p:2x4x4", 256)},
 }
 SAMPLE_TARGETS = {"b": ("v5e:2x2", 256, 1), "l": ("v5e:2x2", 256, 1)}
+REMAT = {("b", 24): "dots", ("l", 24): "full", ("xxl", 24): "full"}  # measured: see iar.py
 
 
 def get_config(arg=None):
     # vocab_size is the semantic codebook C_S.
     c, size, opts, tiny = _base.base_config("iar2", arg, SIZES, vocab=(16, 256), grid=(4, 24))
+    c.model.remat = _base.remat_policy(REMAT, size, int(c.model.grid_size))
     m = c.model
     m.detail_vocab_size = int(opts.get("detail_vocab", 64 if tiny else 4096))
     m.head_layers = 2 if tiny else 5  # reference factorized_n_layer = 5

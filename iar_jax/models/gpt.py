@@ -420,6 +420,9 @@ class GPT(nn.Module):
     def __call__(self, codes: Array, labels: Array, *, train: bool = False) -> Array:
         """codes [B, T] int, labels [B] int -> logits [B, T, V] (fp32); position t predicts codes[:, t]."""
         cfg = self.cfg
+        # Under FSDP the tables are split on their embed axis, so looked-up rows come out embed-sharded:
+        # XLA moves them to the batch-sharded layout with an all-to-all of B·T·D/fsdp activations (and
+        # back for the gradient's scatter-add), cheaper than all-gathering a vocab x D table per step.
         x = jnp.concatenate([self._cls(labels, train), self.tok_embeddings(codes[:, :-1])], axis=1)
         x = self.token_drop(x.astype(cfg.compute_dtype), deterministic=not train)
         x = _constrain(x, ("act_batch", "act_length", "act_embed"))
