@@ -26,11 +26,12 @@ from typing import Any, Callable, Dict, Optional
 import ml_collections
 import numpy as np
 
+from iar_jax.data.datasets import FASHION_MNIST_CLASSES as CLASSES
+
 VARIANTS = ("iar", "iar2")
 PRESETS = ("default", "smoke")
 STAGES = ("tokenizer", "rearrange", "codes", "model", "samples", "evaluate")
 DONE = "done.json"
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
 def default_workdir(variant: str = "iar") -> str:
@@ -50,30 +51,37 @@ def get_config(variant: str = "iar", preset: str = "default") -> ml_collections.
     c.variant, c.preset = variant, preset
     c.dataset = "fashion_mnist_embedded"  # 6000 train / 1000 test images, shipped with the package
 
-    # Tokenizer: 4x downsampling (7x7 tokens: short AR sequences), 512 codes (IAR2: 256 + 1024).
+    # Tokenizer: 4x downsampling (7x7 tokens: short AR sequences), 512 codes (IAR2: 256 + 1024). 300
+    # steps take it to ~20 dB, where its reconstructions keep the class (small-CNN FID ~5 vs ~16 at 150).
     tok = c.tokenizer = load_config("configs/tokenizer.py:" + ("tiny_dual" if iar2 else "tiny7"))
     tok.model.encoder_ch_mult = tok.model.decoder_ch_mult = (1, 1, 2)
-    tok.train.update(dict(num_steps=4 if smoke else 150, global_batch=8 if smoke else 32, log_every=2 if smoke else 10,
-                          ckpt_every=2 if smoke else 50))
-    tok.data.eval_images = 16 if smoke else 500
+    tok.train.update(dict(num_steps=4 if smoke else 300, global_batch=8 if smoke else 32, log_every=2 if smoke else 10,
+                          ckpt_every=2 if smoke else 100))
+    tok.data.update(dict(name=c.dataset, eval_images=16 if smoke else 500))
 
     c.cluster_size = 16  # IAR: 512 codes -> 32 clusters
     c.extract = ml_collections.ConfigDict(dict(batch_size=256, records_per_shard=1000, num_images=64 if smoke else 0))
 
     if iar2:
         m = c.model = load_config("configs/iar2.py:tiny,grid=7,vocab=256,detail_vocab=1024")
+        m.model.head_layers = 1  # the head runs at every position: 2 blocks made a CPU step ~3x dearer
     else:
         m = c.model = load_config("configs/iar.py:tiny,grid=7,vocab=512,cluster=16")
-    m.optim.lr = 1e-3
-    m.optim.warmup_steps = 0 if smoke else 20
-    # IAR2's local-context head makes a step ~4x dearer than IAR's on a CPU: half the batch, 2/3 the steps.
-    steps, batch = (200, 32) if iar2 else (300, 64)
+        m.model.update(dict(dim=128, n_head=4))  # 2 x 64 learns the class too slowly for CFG to show it
+    # A few hundred steps, a few epochs of the 12000 codes: no dropout (nothing to overfit yet; class
+    # dropout stays, CFG needs it), a high lr cosine-decayed as IAR2's recipe.
+    m.model.update(dict(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0))
+    m.optim.update(dict(lr=2e-3, schedule="cosine", min_lr=1e-4, warmup_steps=0 if smoke else 20))
+    # IAR2's local-context head makes a step dearer than IAR's on a CPU: half the batch.
+    steps, batch = (600, 32) if iar2 else (500, 64)
     m.train.update(dict(num_steps=4 if smoke else steps, global_batch=8 if smoke else batch,
                         log_every=2 if smoke else 10, ckpt_every=2 if smoke else 100))
     m.data.num_workers = 0
 
+    # Temperature < 1 trades a little diversity for samples that keep their class (FID falls too).
     c.sample = ml_collections.ConfigDict(dict(
-        per_class=2 if smoke else 100, global_batch=20 if smoke else 250, grid_per_class=2 if smoke else 10, seed=0))
+        per_class=2 if smoke else 100, global_batch=20 if smoke else 250, grid_per_class=2 if smoke else 10, seed=0,
+        temperature="0.6", top_k="0", top_p="1.0"))
     if iar2:  # the reference's progressive attention-guided CFG, for both sub-tokens
         c.sample.update(dict(guidance="attention", cfg_scale="", cfg_start="1.75", cfg_end="3.0", w_attn="0.05"))
     else:
@@ -248,7 +256,8 @@ def _sample(config, model_dir: str, tok_dir: str, out: str, labels, s, global_ba
 
     return gen.sample_from_workdir(config, model_dir, tok_dir, out, labels, guidance=s.guidance,
                                    cfg_scale=s.cfg_scale or None, cfg_start=s.cfg_start or None,
-                                   cfg_end=s.cfg_end or None, w_attn=s.w_attn or None, global_batch=global_batch,
+                                   cfg_end=s.cfg_end or None, w_attn=s.w_attn or None, temperature=s.temperature,
+                                   top_k=s.top_k, top_p=s.top_p, global_batch=global_batch,
                                    seed=seed, grid=0, progress=progress)
 
 
@@ -267,16 +276,24 @@ def sample_stage(out: str, config, model_dir: str, tok_dir: str, sample_cfg, pro
                            "npz": os.path.join(out, "samples.npz")})
 
 
-def save_class_grid(path: str, images: np.ndarray, labels: np.ndarray, per_class: int, scale: int = 2) -> str:
-    """One row per class: the first `per_class` samples of each class, upscaled `scale`x."""
-    from iar_jax.sampling.generate import save_grid
+def save_class_grid(path: str, images: np.ndarray, labels: np.ndarray, per_class: int, scale: int = 2,
+                    names=CLASSES) -> str:
+    """One row per class: the class name, then the first `per_class` samples of that class, upscaled
+    `scale`x (a class without samples keeps its row, empty)."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    rows = []
-    for c in np.unique(labels):
-        x = images[labels == c][:per_class]
-        rows.append(np.concatenate([x, np.zeros((per_class - len(x),) + x.shape[1:], x.dtype)]))
-    grid = np.concatenate(rows).repeat(scale, axis=1).repeat(scale, axis=2)
-    save_grid(path, grid, ncol=per_class)
+    h, w = images.shape[1] * scale, images.shape[2] * scale
+    classes = np.unique(labels)
+    font = ImageFont.load_default(size=max(10, h // 4))
+    label_w = 8 + max(int(np.ceil(font.getlength(str(names[c])))) for c in classes)
+    grid = Image.new("RGB", (label_w + per_class * w, len(classes) * h), "black")
+    draw = ImageDraw.Draw(grid)
+    for r, c in enumerate(classes):
+        draw.text((label_w - 4, r * h + h // 2), str(names[c]), fill="white", font=font, anchor="rm")
+        for q, x in enumerate(images[labels == c][:per_class]):
+            tile = Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).resize((w, h), Image.NEAREST)
+            grid.paste(tile.convert("RGB"), (label_w + q * w, r * h))
+    grid.save(path)
     return path
 
 
@@ -311,6 +328,21 @@ def evaluate_stage(out: str, samples_npz: str, ref_images: np.ndarray, real_imag
 # The whole run
 
 
+def stage_dirs(workdir: str) -> Dict[str, str]:
+    return {name: os.path.join(workdir, name) for name in STAGES}
+
+
+def resolved_config(config, workdir: str):
+    """`config` as it runs in `workdir`: the model reads this workdir's codes and tokenizer and (IAR)
+    its rearrangement's mapping file, so demo_config.json and metrics.json record the truth."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    d = stage_dirs(workdir)
+    rearrangement = ({"mapping_file": os.path.join(d["rearrange"], "mapping.npy"),
+                      "cluster_size": int(config.cluster_size)} if config.variant == "iar" else None)
+    c.model = model_config_for(config.model, d["codes"], d["tokenizer"], rearrangement)
+    return c
+
+
 def check_settings(workdir: str, config) -> None:
     """Records the settings in workdir/demo_config.json; a rerun with other settings is an error."""
     path = os.path.join(workdir, "demo_config.json")
@@ -335,8 +367,9 @@ def run(config, workdir: str, progress: bool = True, echo: Callable[[str], None]
 
     t_start = time.time()
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = resolved_config(config, workdir)
     check_settings(workdir, config)
-    d = {name: os.path.join(workdir, name) for name in STAGES}
+    d = stage_dirs(workdir)
     # A stage that is not done invalidates the later ones (they resume from their own files).
     first = next((i for i, name in enumerate(STAGES) if not read_done(d[name])), len(STAGES))
     for name in STAGES[first + 1:]:
@@ -369,9 +402,8 @@ def run(config, workdir: str, progress: bool = True, echo: Callable[[str], None]
     records["codes"] = extract_codes_stage(d["codes"], d["tokenizer"], train, int(config.tokenizer.data.image_size),
                                            int(config.extract.batch_size), int(config.extract.records_per_shard),
                                            progress)
-    model_cfg = model_config_for(config.model, d["codes"], d["tokenizer"], records["rearrange"])
-    records["model"] = train_model_stage(d["model"], model_cfg, progress)
-    records["samples"] = sample_stage(d["samples"], model_cfg, d["model"], d["tokenizer"], config.sample, progress)
+    records["model"] = train_model_stage(d["model"], config.model, progress)
+    records["samples"] = sample_stage(d["samples"], config.model, d["model"], d["tokenizer"], config.sample, progress)
     grid_path = os.path.join(workdir, "grid.png")
     with np.load(records["samples"]["npz"]) as z:
         if not os.path.exists(grid_path) or os.path.getmtime(grid_path) < os.path.getmtime(records["samples"]["npz"]):
@@ -388,7 +420,7 @@ def run(config, workdir: str, progress: bool = True, echo: Callable[[str], None]
         "model_steps": records["model"]["steps"], "model_final_loss": records["model"]["final_metrics"].get("loss"),
         "stage_seconds": {k: round(float(r.get("seconds", 0.0)), 1) for k, r in records.items()},
         "skipped_stages": skipped, "this_run_seconds": round(time.time() - t_start, 1),
-        "grid": grid_path,
+        "grid": grid_path, "config": json.loads(config.to_json()),  # every setting this run used
     }
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -406,12 +438,12 @@ def sample_more(config, workdir: str, out: str, per_class: int = 4, seed: int = 
     from iar_jax.sampling import generate as gen
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    d = {name: os.path.join(workdir, name) for name in STAGES}
+    d = stage_dirs(workdir)
     if not read_done(d["model"]):
         raise ValueError(f"{workdir} has no trained demo model; run `iar-jax demo --workdir={workdir}` first")
     s = ml_collections.ConfigDict(config.sample.to_dict())
     s.update(sampling)
-    model_cfg = model_config_for(config.model, d["codes"], d["tokenizer"], read_done(d["rearrange"]))
+    model_cfg = resolved_config(config, workdir).model
     labels = gen.class_labels(0, int(model_cfg.model.num_classes), int(per_class))
     _sample(model_cfg, d["model"], d["tokenizer"], out, labels, s, len(labels), int(seed), progress)
     with np.load(os.path.join(out, "samples.npz")) as z:
@@ -424,20 +456,33 @@ def summary_text(m: Dict[str, Any], config) -> str:
     usage = ", ".join(f"{names[k]}{tok[k]:.0%}" for k in names if k in tok)
     secs = m["stage_seconds"]
     name = "IAR2 (dual codebook, attention-guided CFG)" if m["variant"] == "iar2" else "IAR (cluster loss)"
+    t, mc, s = config.tokenizer, config.model, config.sample
+    grid = int(t.data.image_size) // 2 ** (len(t.model.encoder_ch_mult) - 1)
+    codes = (f"{t.model.semantic_codebook_size} semantic + {t.model.codebook_size} detail codes" if t.model.dual
+             else f"{t.model.codebook_size} codes")
+    o = mc.optim
+    lr = f"lr {o.lr:g}" + (f" cosine to {o.min_lr:g}" if o.schedule == "cosine" else "")
+    cfg = (f"CFG {s.cfg_start} -> {s.cfg_end}, w_attn {s.w_attn}" if s.guidance == "attention" else
+           f"CFG {s.guidance} {s.cfg_scale}")
+    cluster = (f", cluster CE (clusters of {mc.loss.cluster_size}) on {mc.loss.mapping_file}"
+               if mc.get("loss", {}).get("mapping_file") else "")
     lines = [
         f"iar-jax demo: {name}, preset {m['preset']}, on the embedded Fashion-MNIST subset",
-        f"  tokenizer   {config.tokenizer.train.num_steps} steps, PSNR {tok.get('psnr', float('nan')):.2f} dB"
-        + (f", usage {usage}" if usage else ""),
-        f"  model       {m['model_steps']} steps, final loss {m['model_final_loss']:.3f}"
-        if m["model_final_loss"] is not None else f"  model       {m['model_steps']} steps",
-        f"  samples     {m['num_samples']} ({config.sample.per_class} per class), guidance {config.sample.guidance}",
+        f"  tokenizer   {t.train.num_steps} steps of batch {t.train.global_batch}, lr {t.optim.lr:g}, {grid}x{grid} "
+        f"tokens, {codes}; PSNR {tok.get('psnr', float('nan')):.2f} dB" + (f", usage {usage}" if usage else ""),
+        f"  model       {mc.model.n_layer} layers x {mc.model.dim}, {m['model_steps']} steps of batch "
+        f"{mc.train.global_batch}, {lr}" + (f", final loss {m['model_final_loss']:.3f}"
+                                            if m["model_final_loss"] is not None else "") + cluster,
+        f"  samples     {m['num_samples']} ({s.per_class} per class), {cfg}, temperature {s.temperature}, "
+        f"top-k {s.top_k}, top-p {s.top_p}",
         f"  FID (small CNN, vs {m['num_ref_images']} test images): {m['fid']:.2f}"
         + (f"   (real training images: {m['fid_real_train']:.2f})" if m.get("fid_real_train") is not None else ""),
         f"  class accuracy of the samples: {m['class_accuracy']:.1%} (chance 10%)",
         "  seconds     " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())
         + f"; this run {m['this_run_seconds']:.0f}",
         f"  outputs     {m['grid']} (rows: {', '.join(CLASSES)})",
-        f"              {os.path.join(m['workdir'], 'metrics.json')}, {os.path.join(m['workdir'], 'summary.txt')}",
+        f"              {os.path.join(m['workdir'], 'metrics.json')}, {os.path.join(m['workdir'], 'summary.txt')}, "
+        f"{os.path.join(m['workdir'], 'demo_config.json')} (every setting)",
         "  rerun the same command to resume; delete a stage's done.json to redo it",
     ]
     return "\n".join(lines)

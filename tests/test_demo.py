@@ -67,9 +67,26 @@ def test_outputs_and_metrics(workdir):
     with np.load(os.path.join(workdir, "samples", "samples.npz")) as z:
         assert z["arr_0"].shape == (20, 28, 28, 3) and z["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(z["labels"], np.repeat(np.arange(10), 2))
+        samples = z["arr_0"]
     from PIL import Image
 
-    assert Image.open(os.path.join(workdir, "grid.png")).size == (2 * 28 * 2, 10 * 28 * 2)
+    # A label column, then each class's 2 samples at 2x; every row's label column holds text.
+    grid = np.asarray(Image.open(os.path.join(workdir, "grid.png")).convert("RGB"))
+    label_w = grid.shape[1] - 2 * 56
+    assert grid.shape[0] == 10 * 56 and label_w > 0
+    for c in range(10):
+        assert grid[c * 56:(c + 1) * 56, :label_w].max() > 128, f"row {c} has no class name"
+        for q in range(2):
+            tile = samples[2 * c + q].repeat(2, 0).repeat(2, 1)
+            np.testing.assert_array_equal(grid[c * 56:(c + 1) * 56, label_w + q * 56:label_w + (q + 1) * 56], tile)
+    # The recorded settings are those that ran: the model read this workdir's codes and mapping.
+    with open(os.path.join(workdir, "demo_config.json")) as f:
+        recorded = json.load(f)
+    assert recorded == m["config"]
+    data, loss = recorded["model"]["data"], recorded["model"]["loss"]
+    assert (data["source"], data["path"], data["tokenizer"]) == (
+        "records", os.path.join(workdir, "codes"), os.path.join(workdir, "tokenizer"))
+    assert loss["mapping_file"] == os.path.join(workdir, "rearrange", "mapping.npy") and loss["cluster_size"] == 16
     # IAR trains on the rearranged ids: the mapping is a permutation of the 512 codes.
     mapping = np.load(os.path.join(workdir, "rearrange", "mapping.npy"))
     np.testing.assert_array_equal(np.sort(mapping), np.arange(512))
