@@ -1,5 +1,4 @@
 """LlamaGen GPT: published parameter counts, RoPE table, KV-cache decoding, converter."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -262,7 +262,7 @@ def _np_class_attention(params, labels, codes):
     """Last layer's head-mean softmax weight from every query position to key 0 (NumPy, float64)."""
     p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
     blk = p["transformer"]["layers"]["block"]
-    H, Dh = CFG.n_head, CFG.head_dim
+    Dh = CFG.head_dim
     x = np.concatenate([p["cls_embedding"]["embedding_table"][labels][:, None],
                         p["tok_embeddings"]["embedding"][codes[:, :-1]]], 1)  # [B, S, D]
     S = x.shape[1]

@@ -75,7 +75,6 @@ def test_tiny_model_overfits_tiny_batch():
 def test_weight_decay_only_on_matrices():
     cfg = _config()
     tr = trainer_lib.Trainer(cfg, jax.devices()[:1])
-    import flax.linen as nn
 
     boxed = jax.eval_shape(lambda r: tr.family.init(tr.module, r, tr._dummy), jax.random.PRNGKey(0))["params"]
     mask = trainer_lib.decay_mask(boxed)

@@ -3,7 +3,6 @@
 torch Linear weights are [out, in]; Flax kernels are [in, out], with the fused qkv kernel kept
 as [dim, 3, heads, head_dim] and wo as [heads, head_dim, dim] so heads can be tensor-sharded.
 """
-import numpy as np
 
 from iar_jax.convert.common import Rule, register
 

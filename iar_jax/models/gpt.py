@@ -237,7 +237,6 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         cfg = self.cfg
-        dt = cfg.compute_dtype
         if cfg.out_major_kernels:  # w1 and w3 as one kernel (`transpose_kernels`)
             h13 = _dense((2, cfg.ffn_dim), ("embed", None, "mlp"), "w13", cfg)(x)
             h1, h3 = h13[..., 0, :], h13[..., 1, :]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Tuple
 
-import numpy as np
 
 from iar_jax.tokenizer.vq_model import VQConfig, check_params
 
