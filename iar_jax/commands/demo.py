@@ -20,8 +20,9 @@ def main(argv):
     del argv
     from iar_jax import console
 
-    if not _VERBOSE.value:
-        logging.set_verbosity(logging.ERROR)  # the progress bars and the summary say what happens
+    # The progress bars and the summary say what happens; --verbose brings back every stage's INFO logs
+    # (the CLI quiets them to warnings before a subcommand runs).
+    logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.ERROR)
     from iar_jax import demo
 
     workdir = console.check_output_dir(_WORKDIR.value or demo.default_workdir(_VARIANT.value), "--workdir")
