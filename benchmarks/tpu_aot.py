@@ -16,7 +16,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import re
 import sys
 
@@ -25,14 +24,12 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # only compiles: other
 
 import common  # noqa: E402
 import numpy as np  # noqa: E402
+import readme_figures  # noqa: E402 (its README table markers)
 
 ROOT = common.add_repo_to_path()
 
 from iar_jax import aot  # noqa: E402
 from iar_jax.config_lib import load_config  # noqa: E402
-
-MARK_BEGIN, MARK_END = "<!-- tpu_aot table: begin -->", "<!-- tpu_aot table: end -->"
-
 
 def _value(v):
     for cast in (int, float):
@@ -98,15 +95,6 @@ def table_markdown(results, when, machine):
     return "\n".join(lines)
 
 
-def rewrite_readme(path, table):
-    text = open(path).read()
-    if MARK_BEGIN not in text or MARK_END not in text:
-        raise SystemExit(f"{path} has no {MARK_BEGIN} ... {MARK_END} markers; add them where the table goes")
-    pre, rest = text.split(MARK_BEGIN, 1)
-    _, post = rest.split(MARK_END, 1)
-    open(path, "w").write(pre + MARK_BEGIN + "\n" + table + "\n" + MARK_END + post)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--topology", default="v5e:2x2")
@@ -151,9 +139,12 @@ def main():
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
         results.append(r)
-    when = datetime.date.today().isoformat()
-    rewrite_readme(os.path.join(ROOT, "README.md"), table_markdown(results, when, f"{platform.machine()} host, "
-                                                                                   f"{os.cpu_count()} cores"))
+    readme = os.path.join(ROOT, "README.md")
+    table = table_markdown(results, datetime.date.today().isoformat(), readme_figures.machine_description())
+    with open(readme) as f:
+        text = readme_figures.rewrite(f.read(), {"tpu_aot": table})
+    with open(readme, "w") as f:
+        f.write(text)
     ok = all("error" not in r and r["headroom"] >= 0.10 for r in results)
     common.emit({"rows": len(results), "all_fit_10pct": ok,
                  "min_headroom": min((r.get("headroom", -1) for r in results), default=None)})

@@ -93,18 +93,12 @@ def report(compiled, devices, model_flops: Optional[float] = None, compile_s: Op
     return r
 
 
-def _config(config, devices):
-    from iar_jax import runtime
-
-    return runtime.resolve_kernels(config, devices)
-
-
 def compile_train(config, devices):
     """(compiled train step, trainer) for `devices`: the Trainer's own jitted step, lowered on
     abstract sharded state and batch."""
-    from iar_jax import trainer as trainer_lib
+    from iar_jax import runtime, trainer as trainer_lib
 
-    tr = trainer_lib.Trainer(_config(config, devices), list(devices))
+    tr = trainer_lib.Trainer(runtime.resolve_kernels(config, devices), list(devices))
     state = tr.abstract_sharded_state()
     gb = int(config.train.global_batch)
     batch = {k: jax.ShapeDtypeStruct((gb,) + tuple(s), d, sharding=tr.batch_shardings[k])
@@ -124,11 +118,11 @@ def sampler_spec(config):
 def compile_sampler(config, devices, batch: int):
     """(compiled sampler, family, model config): the sampler `iar-jax sample` runs, for `batch`
     images (CFG doubles the rows) on `devices`, params in the training layout (fp32)."""
-    from iar_jax import sharding
+    from iar_jax import checkpointing, runtime, sharding
     from iar_jax.families import get_family
     from iar_jax.sampling import generate as gen
 
-    config = _config(config, devices)
+    config = runtime.resolve_kernels(config, devices)
     family = get_family(config.model_family)
     module, model_cfg = family.build(config)
     step_fns = family.sampling_step(module, model_cfg, True)
@@ -139,8 +133,7 @@ def compile_sampler(config, devices, batch: int):
     abstract = jax.eval_shape(lambda r: family.init(module, r, {k: jnp.zeros((1,) + tuple(s), d) for k, (s, d) in
                                                                family.batch_spec(config).items()}),
                               jax.random.PRNGKey(0))
-    params = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    nn.unbox(abstract)["params"], shardings)
+    params = checkpointing.abstract_with_shardings(nn.unbox(abstract)["params"], shardings)
     batch_sh = sharding.batch_sharding(mesh)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))

@@ -4,7 +4,6 @@ kernels although the host backend is the CPU."""
 import importlib.util
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -28,8 +27,7 @@ def test_tiny_programs_compile_for_v5e_and_fit(v5e_2x2, family, what):
     config = load_config(f"configs/{family}.py:tiny")
     assert config.model.kernels == "auto"
     r = aot.prove(config, "v5e:2x2", what, v5e_2x2)
-    assert jax.default_backend() == "cpu"  # compiled for the TPU from a CPU host ...
-    assert r["kernels"] == "xla"  # ... with the accelerator kernels, not the host's
+    assert r["kernels"] == "xla"  # compiled from this CPU host, with the accelerator kernels
     assert r["device"] == "TPU v5 lite" and r["chips"] == 4 and r["hbm_gib"] == 16
     assert 0 < r["gib_per_chip"] and r["headroom"] >= 0.10
     assert r["attention_kernels"] == ["attention_dot_product"]
