@@ -29,7 +29,6 @@ setup(
         "numpy",
         "scipy",
         "pillow",
-        "protobuf",
         "tqdm",
         "matplotlib",
         "scikit-learn",

@@ -57,11 +57,11 @@ def main():
         if args.grid_dir:
             import numpy as np
 
-            from iar_jax import image_metrics
+            from iar_jax.evaluation import reconstruction
 
             recon = training.make_reconstruct_fn(trainer.model, "dual" if trainer.model_cfg.dual else None)(
                 jax.device_get(state["params"]), eval_images[:16])[0]
-            image_metrics.save_reconstruction_grid(os.path.join(args.grid_dir, f"{v}.png"), eval_images[:16],
+            reconstruction.save_reconstruction_grid(os.path.join(args.grid_dir, f"{v}.png"), eval_images[:16],
                                                    np.asarray(recon))
         res = {k: round(float(x), 4) for k, x in res.items()}
         res.update(steps=int(args.steps or config.train.num_steps), batch=int(config.train.global_batch),

@@ -282,17 +282,22 @@ def save_class_grid(path: str, images: np.ndarray, labels: np.ndarray, per_class
     `scale`x (a class without samples keeps its row, empty)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    h, w = images.shape[1] * scale, images.shape[2] * scale
+    from iar_jax.images import make_grid
+
     classes = np.unique(labels)
+    tiles = np.zeros((len(classes), per_class) + images.shape[1:], np.uint8)
+    for r, c in enumerate(classes):
+        own = images[labels == c][:per_class]
+        tiles[r, :len(own)] = own
+    rows = make_grid(tiles.reshape((-1,) + images.shape[1:]), ncols=per_class).repeat(scale, 0).repeat(scale, 1)
+    h = images.shape[1] * scale
     font = ImageFont.load_default(size=max(10, h // 4))
     label_w = 8 + max(int(np.ceil(font.getlength(str(names[c])))) for c in classes)
-    grid = Image.new("RGB", (label_w + per_class * w, len(classes) * h), "black")
+    grid = Image.new("RGB", (label_w + rows.shape[1], rows.shape[0]), "black")
+    grid.paste(Image.fromarray(rows[..., 0] if rows.shape[-1] == 1 else rows).convert("RGB"), (label_w, 0))
     draw = ImageDraw.Draw(grid)
     for r, c in enumerate(classes):
         draw.text((label_w - 4, r * h + h // 2), str(names[c]), fill="white", font=font, anchor="rm")
-        for q, x in enumerate(images[labels == c][:per_class]):
-            tile = Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).resize((w, h), Image.NEAREST)
-            grid.paste(tile.convert("RGB"), (label_w + q * w, r * h))
     grid.save(path)
     return path
 

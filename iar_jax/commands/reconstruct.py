@@ -35,7 +35,7 @@ def main(argv):
     runtime.setup()
     import jax
 
-    from iar_jax import image_metrics
+    from iar_jax.evaluation import reconstruction
     from iar_jax.tokenizer import training
     from iar_jax.tokenizer.checkpoint import TORCH_SUFFIXES, load_tokenizer
     from iar_jax.tokenizer.config import model_config_from
@@ -62,7 +62,7 @@ def main(argv):
                                        mode="dual" if cfg.dual else None)
     os.makedirs(_OUT.value, exist_ok=True)
     n = _GRID.value
-    image_metrics.save_reconstruction_grid(os.path.join(_OUT.value, "reconstructions.png"), images[:n], recon[:n])
+    reconstruction.save_reconstruction_grid(os.path.join(_OUT.value, "reconstructions.png"), images[:n], recon[:n])
     with open(os.path.join(_OUT.value, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     logging.info("reconstruction metrics: %s", results)

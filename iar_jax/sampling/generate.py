@@ -26,7 +26,9 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
+from iar_jax.images import save_grid, to_uint8
 from iar_jax.sampling.sampler import SamplerSpec, StepFns, check_labels, sample_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -73,24 +75,6 @@ def resize_bicubic(images, size: int):
         return images
     mh, mw = jnp.asarray(bicubic_matrix(h, size)), jnp.asarray(bicubic_matrix(w, size))
     return jnp.einsum("oh,bhwc,pw->bopc", mh, jnp.asarray(images, jnp.float32), mw)
-
-
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] floats -> uint8, as the reference: clamp(127.5·x + 128, 0, 255) then truncation."""
-    return np.clip(127.5 * np.asarray(images, np.float32) + 128.0, 0, 255).astype(np.uint8)
-
-
-def save_grid(path: str, images: np.ndarray, ncol: int = 8) -> None:
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    ncol = max(1, min(ncol, n))
-    nrow = -(-n // ncol)
-    grid = np.zeros((nrow * h, ncol * w, c), np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
 class NpzStreamWriter:
@@ -219,7 +203,8 @@ def generate(sample_fn: Callable, params, labels: np.ndarray, out_dir: str, *, g
     logging.info("%d samples in %d chunks of %d: %d done, %d to go", n, num_chunks, global_batch,
                  num_chunks - len(todo), len(todo))
     key = jax.random.key(seed)
-    bar = _progress(len(todo), progress and jax.process_index() == 0)
+    bar = tqdm(total=len(todo), desc="sampling chunks", unit="chunk",
+               disable=not (progress and todo and jax.process_index() == 0))
     for c in todo:
         ids = np.arange(c * global_batch, (c + 1) * global_batch)
         real = ids < n
@@ -317,27 +302,8 @@ def _assemble(out_dir: str, chunk_dir: str, num_chunks: int, n: int, grid: int) 
             writer.abort()  # no-op once closed; else drops the partial samples.npz.tmp
     if grid > 0:
         g = np.concatenate(grid_imgs)
-        save_grid(os.path.join(out_dir, "grid.png"), g, ncol=int(np.ceil(np.sqrt(len(g)))))
+        save_grid(os.path.join(out_dir, "grid.png"), g, ncols=int(np.ceil(np.sqrt(len(g)))))
     return {"npz": os.path.join(out_dir, "samples.npz"), "image_shape": list(shape[1:])}
-
-
-class _NoBar:
-    def update(self, k):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc="sampling chunks", unit="chunk")
-    except ImportError:
-        return _NoBar()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -434,7 +434,7 @@ def make_reconstruct_fn(model: VQModel, mode: Optional[str] = None):
 
 def evaluate(model: VQModel, params, images: np.ndarray, batch_size: int = 256, mode: Optional[str] = None):
     """PSNR / SSIM / usage of reconstructions of `images` ([N, H, W, C] in [-1, 1])."""
-    from iar_jax import image_metrics
+    from iar_jax.evaluation import reconstruction as image_metrics
 
     fn = make_reconstruct_fn(model, mode)
     recons, codes = [], []
@@ -627,7 +627,7 @@ def _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn,
         params = jax.device_get(state["params"])
         results, recon = evaluate(trainer.model, params, eval_images, mode=mode)
         if workdir and jax.process_index() == 0:
-            from iar_jax import image_metrics
+            from iar_jax.evaluation import reconstruction as image_metrics
 
             n = int(config.train.num_grid_images)
             image_metrics.save_reconstruction_grid(os.path.join(workdir, "reconstructions.png"), eval_images[:n], recon[:n])
