@@ -134,7 +134,7 @@ def test_no_readable_checkpoint_stops_unless_start_over(workdir):
 
 
 def _mesh_shardings(n_devices):
-    from iar_jax.families import get_family
+    from iar_jax.models.families import get_family
     from iar_jax.sampling.generate import model_param_shardings
 
     cfg = _config(**{"mesh.data": n_devices, "mesh.fsdp": 1})
