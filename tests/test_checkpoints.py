@@ -253,6 +253,7 @@ def test_workdir_lock(tmp_path, caplog):
     assert os.path.exists(lock)  # someone else's lock is never removed
 
 
+@pytest.mark.slow  # three CLI trainings in subprocesses
 def test_cli_second_trainer_refused_sigterm_exits_143_then_resumes(tmp_path, repo_root):
     wd = str(tmp_path / "run")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",

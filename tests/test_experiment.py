@@ -91,6 +91,7 @@ def _random_tokenizer(config, tok_dir):
     pipeline.mark_done(tok_dir, {"steps": 0})
 
 
+@pytest.mark.slow
 def test_tiny_experiment_writes_outputs_and_resumes(tmp_path):
     from iar_jax import runtime
 
