@@ -53,7 +53,7 @@ def restore(config_name, workdir, full_state):
     import numpy as np
 
     from iar_jax import checkpointing, sharding, trainer as trainer_lib
-    from iar_jax.families import get_family
+    from iar_jax.models.families import get_family
     from iar_jax.sampling.generate import model_param_shardings
 
     config = _config(config_name)

@@ -6,7 +6,7 @@
 
 Random weights, the config's token grid (16×16 for `b`), compute dtype from --dtype (fp32 by
 default, the CPU target). The model family (`config.model_family`) gives the sampler step and
-what one step must read (`Family.decode_bytes`): every weight once (embedding tables are only
+what one step must read (`iar_jax.costs.decode_bytes`): every weight once (embedding tables are only
 gathered; IAR2's head twice), so the floor is
     floor_s = steps × weight_bytes_per_step / bandwidth,
 with `bandwidth` measured here by a large streaming reduction. The KV cache is read on top of
@@ -26,9 +26,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from iar_jax import runtime  # noqa: E402
+from iar_jax import costs, runtime  # noqa: E402
 from iar_jax.config_lib import load_config  # noqa: E402
-from iar_jax.families import get_family  # noqa: E402
+from iar_jax.models.families import get_family  # noqa: E402
 from iar_jax.sampling import guidance, sampler  # noqa: E402
 from iar_jax.sampling.filtering import SamplingConfig  # noqa: E402
 
@@ -73,9 +73,8 @@ def main():
     config = runtime.resolve_kernels(load_config(args.config, **{"model.dtype": args.dtype,
                                                                  "model.kernels": args.kernels}))
     family = get_family(config.model_family)
-    if family.sampling_step is None or family.decode_bytes is None:
-        raise SystemExit(f"model family {family.name!r} has no sampling step / decode costs; use configs/iar.py "
-                         "or configs/iar2.py")
+    if family.sampling_step is None:
+        raise SystemExit(f"model family {family.name!r} has no sampling step; use configs/iar.py or configs/iar2.py")
     module, mcfg = family.build(config)
     dummy = {k: jnp.zeros((1,) + tuple(s), d) for k, (s, d) in family.batch_spec(config).items()}
     params = jax.jit(lambda r: nn.unbox(family.init(module, r, dummy))["params"])(jax.random.key(0))
@@ -104,7 +103,7 @@ def main():
             times.append(time.perf_counter() - t)
         seconds = min(times)
         rows = 2 * B if spec.cfg else B
-        cost = family.decode_bytes(mcfg, params, rows, args.dtype)
+        cost = costs.decode_bytes(family.name, mcfg, params, rows, args.dtype)
         wbytes, kv_full, kv_avg = cost["weights"], cost["kv_full"], cost["kv_avg"]
         floor_s = T * wbytes / bw
         floor_kv_s = T * (wbytes + kv_avg) / bw

@@ -4,7 +4,7 @@
 
     python benchmarks/train_step.py --config=configs/iar2.py:b --batch=8 --steps=3
 
-Model FLOPs (the family's `train_flops`) count the matmuls of forward + backward (6 · matmul
+Model FLOPs (`iar_jax.costs.train_flops`) count the matmuls of forward + backward (6 · matmul
 params · the tokens each part sees, plus the attention score/value products), not
 rematerialisation. On CPU there is no published peak, so `mfu` is reported only for known
 accelerators.
@@ -19,7 +19,7 @@ common.add_repo_to_path()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from iar_jax import runtime, trainer as trainer_lib  # noqa: E402
+from iar_jax import costs, runtime, trainer as trainer_lib  # noqa: E402
 from iar_jax.config_lib import load_config  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main():
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     tokens = args.batch * config.model.grid_size ** 2
-    flops = tr.family.train_flops(tr.model_cfg, args.batch)
+    flops = costs.train_flops(config.model_family, tr.model_cfg, args.batch)
     result = {
         "config": args.config, "batch": args.batch, "device": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(), "dtype": config.model.dtype,

@@ -119,7 +119,7 @@ def compile_sampler(config, devices, batch: int):
     """(compiled sampler, family, model config): the sampler `iar-jax sample` runs, for `batch`
     images (CFG doubles the rows) on `devices`, params in the training layout (fp32)."""
     from iar_jax import checkpointing, runtime, sharding
-    from iar_jax.families import get_family
+    from iar_jax.models.families import get_family
     from iar_jax.sampling import generate as gen
 
     config = runtime.resolve_kernels(config, devices)
@@ -142,12 +142,14 @@ def compile_sampler(config, devices, batch: int):
 
 def prove(config, topology: str, what: str = "train", devices=None) -> Dict[str, Any]:
     """Compile `what` (train | sample) of `config` for `topology` (or the given `devices`) and report."""
+    from iar_jax import costs
+
     devices = list(devices) if devices is not None else tpu_devices(topology)
     t0 = time.perf_counter()
     batch = int(config.train.global_batch)
     if what == "train":
         compiled, tr = compile_train(config, devices)
-        flops = tr.family.train_flops(tr.model_cfg, batch) if tr.family.train_flops else None
+        flops = costs.train_flops(config.model_family, tr.model_cfg, batch)
         mesh = dict(tr.mesh.shape)
     elif what == "sample":
         compiled, _, _ = compile_sampler(config, devices, batch)

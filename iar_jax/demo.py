@@ -12,26 +12,25 @@ Rerunning skips finished stages; an interrupted one continues from its checkpoin
 model), shards (codes) or chunks (samples). `get_config(variant, "smoke")` is a seconds-long
 version for tests and the notebook.
 
-The stage functions take their output folder and inputs explicitly, so other drivers (e.g. the
-reproduction experiment) can reuse them.
+The stages are `iar_jax.pipeline`'s; this module holds the demo's settings, its run over them and
+the summary.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import ml_collections
 import numpy as np
 
+from iar_jax import pipeline
 from iar_jax.data.datasets import FASHION_MNIST_CLASSES as CLASSES
 
 VARIANTS = ("iar", "iar2")
 PRESETS = ("default", "smoke")
 STAGES = ("tokenizer", "rearrange", "codes", "model", "samples", "evaluate")
-DONE = "done.json"
 
 
 def default_workdir(variant: str = "iar") -> str:
@@ -90,192 +89,6 @@ def get_config(variant: str = "iar", preset: str = "default") -> ml_collections.
     return c
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage bookkeeping
-
-
-def read_json(path: str, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic: a killed run leaves the old file or the new one, never half of it."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def read_done(out: str) -> Optional[Dict[str, Any]]:
-    """The stage record of `out` (None: the stage has not completed)."""
-    return read_json(os.path.join(out, DONE))
-
-
-def mark_done(out: str, info: Dict[str, Any]) -> Dict[str, Any]:
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, DONE), info)
-    return info
-
-
-def _bar(total: int, desc: str, unit: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
-
-
-def _step_bar(total: int, desc: str, enabled: bool):
-    """(log_fn(step, metrics) advancing a bar to `step` with the loss as postfix, close)."""
-    bar = _bar(total, desc, "step", enabled)
-
-    def log_fn(step, metrics):
-        bar.update(step - bar.n)
-        if "loss" in metrics:
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-
-    return log_fn, bar.close
-
-
-def check_finished(step, total: int, what: str = "training") -> None:
-    """Trainers return normally after a SIGTERM save: such a stage must not be marked done."""
-    if int(step) < int(total):
-        raise SystemExit(f"{what} stopped at step {int(step)} of {int(total)}; run the same command again to resume")
-
-
-def _images(dataset, limit: int = 0) -> np.ndarray:
-    x = dataset.images[:limit] if limit else dataset.images
-    return x if x.ndim == 4 else x[..., None]
-
-
-# ----------------------------------------------------------------------------------------------
-# Stages
-
-
-def train_tokenizer_stage(out: str, tok_config, dataset, eval_images: Optional[np.ndarray] = None,
-                          progress: bool = True) -> Dict[str, Any]:
-    """Trains `tok_config` on the uint8 images of `dataset` (resuming from out/checkpoints), evaluates
-    PSNR / SSIM / usage on `eval_images` (uint8) and marks `out` done; returns the record."""
-    done = read_done(out)
-    if done:
-        return done
-    from iar_jax.tokenizer import data as tok_data
-    from iar_jax.tokenizer import training
-
-    t0 = time.time()
-    ch, size = int(tok_config.model.in_channels), int(tok_config.data.image_size)
-    images = tok_data.to_model_range(_images(dataset), ch, size)
-    ev = tok_data.to_model_range(eval_images, ch, size) if eval_images is not None and len(eval_images) else None
-    log_fn, close = _step_bar(int(tok_config.train.num_steps), "1/6 tokenizer", progress)
-    try:
-        trainer, state, results = training.train_and_evaluate(tok_config, out, images=images, eval_images=ev,
-                                                              log_fn=log_fn)
-    finally:
-        close()
-    check_finished(state["step"], tok_config.train.num_steps, "tokenizer training")
-    return mark_done(out, {"seconds": time.time() - t0, "steps": int(tok_config.train.num_steps),
-                           "vocab": list(trainer.model_cfg.vocab_sizes), "eval": results})
-
-
-def rearrange_stage(out: str, tok_dir: str, cluster_size: int) -> Dict[str, Any]:
-    """Balanced k-means over the tokenizer's (semantic) codebook: out/mapping.npy and the rest of the
-    `iar-jax rearrange` outputs; returns the record (`mapping_file` included)."""
-    done = read_done(out)
-    if done:
-        return done
-    from iar_jax.rearrange import rearrange_tokenizer
-
-    t0 = time.time()
-    info = rearrange_tokenizer(tok_dir, out, int(cluster_size))
-    return mark_done(out, {"seconds": time.time() - t0, "mapping_file": os.path.join(out, "mapping.npy"),
-                           "intra_mse": info["intra_mse"], "iterations": info["iterations"],
-                           "cluster_size": int(cluster_size)})
-
-
-def extract_codes_stage(out: str, tok_dir: str, dataset, image_size: int, batch_size: int = 256,
-                        records_per_shard: int = 1000, progress: bool = True) -> Dict[str, Any]:
-    """Codes of every image of `dataset` and its flip with the ORIGINAL codebook (resumable shards)."""
-    done = read_done(out)
-    if done:
-        return done
-    from iar_jax.data import extract
-    from iar_jax.tokenizer.checkpoint import load_tokenizer
-
-    t0 = time.time()
-    cfg, params = load_tokenizer(tok_dir)
-    ecfg = extract.ExtractConfig(image_size=int(image_size), ten_crop=False, batch_size=int(batch_size),
-                                 records_per_shard=int(records_per_shard), num_workers=2, format="npy")
-    meta = extract.extract(dataset, extract.make_encode_fn(cfg, params, "dual" if cfg.dual else None), out, ecfg,
-                           grid=(int(image_size) // cfg.downsample_factor,) * 2, vocab=cfg.vocab_sizes,
-                           fingerprint=extract.tokenizer_fingerprint(params),
-                           dataset_name=getattr(dataset, "name", ""), progress=progress)
-    return mark_done(out, {"seconds": time.time() - t0, "num_images": meta["num_images"], "grid": meta["grid"],
-                           "vocab": meta["vocab"]})
-
-
-def model_config_for(model_config, codes_dir: str, tok_dir: str, rearrangement: Optional[Dict[str, Any]] = None):
-    """The model config pointed at the extracted codes and, for IAR, at the rearrangement (the
-    `rearrange_stage` record): its mapping file and the cluster size the loss groups logits by."""
-    c = ml_collections.ConfigDict(model_config.to_dict())
-    c.data.source, c.data.path, c.data.tokenizer = "records", codes_dir, tok_dir
-    r = rearrangement or {}
-    if "mapping_file" in c.get("loss", {}):
-        c.loss.mapping_file = r.get("mapping_file", "")
-        if r.get("cluster_size"):
-            c.loss.cluster_size = int(r["cluster_size"])
-    return c
-
-
-def train_model_stage(out: str, config, progress: bool = True) -> Dict[str, Any]:
-    """`trainer.train_and_evaluate(config, out)` (resuming from out/checkpoints); returns the record."""
-    done = read_done(out)
-    if done:
-        return done
-    from iar_jax import trainer
-
-    t0 = time.time()
-    last: Dict[str, float] = {}
-    log_fn, close = _step_bar(int(config.train.num_steps), "4/6 " + config.model_family, progress)
-
-    def log(step, metrics):
-        last.update(metrics)
-        log_fn(step, metrics)
-
-    try:
-        _, state = trainer.train_and_evaluate(config, out, log_fn=log)
-    finally:
-        close()
-    check_finished(state["step"], config.train.num_steps)
-    return mark_done(out, {"seconds": time.time() - t0, "steps": int(config.train.num_steps),
-                           "final_metrics": last})
-
-
-def _sample(config, model_dir: str, tok_dir: str, out: str, labels, s, global_batch: int, seed: int, progress: bool):
-    from iar_jax.sampling import generate as gen
-
-    return gen.sample_from_workdir(config, model_dir, tok_dir, out, labels, guidance=s.guidance,
-                                   cfg_scale=s.cfg_scale or None, cfg_start=s.cfg_start or None,
-                                   cfg_end=s.cfg_end or None, w_attn=s.w_attn or None, temperature=s.temperature,
-                                   top_k=s.top_k, top_p=s.top_p, global_batch=global_batch,
-                                   seed=seed, grid=0, progress=progress)
-
-
-def sample_stage(out: str, config, model_dir: str, tok_dir: str, sample_cfg, progress: bool = True) -> Dict[str, Any]:
-    """`sample_cfg.per_class` samples of every class (resumable chunks) -> out/samples.npz."""
-    done = read_done(out)
-    if done:
-        return done
-    from iar_jax.sampling import generate as gen
-
-    t0 = time.time()
-    labels = gen.class_labels(0, int(config.model.num_classes), int(sample_cfg.per_class))
-    summary = _sample(config, model_dir, tok_dir, out, labels, sample_cfg, int(sample_cfg.global_batch),
-                      int(sample_cfg.seed), progress)
-    return mark_done(out, {"seconds": time.time() - t0, "num_samples": summary["num_samples"],
-                           "npz": os.path.join(out, "samples.npz")})
-
-
 def save_class_grid(path: str, images: np.ndarray, labels: np.ndarray, per_class: int, scale: int = 2,
                     names=CLASSES) -> str:
     """One row per class: the class name, then the first `per_class` samples of that class, upscaled
@@ -302,33 +115,6 @@ def save_class_grid(path: str, images: np.ndarray, labels: np.ndarray, per_class
     return path
 
 
-def evaluate_stage(out: str, samples_npz: str, ref_images: np.ndarray, real_images: Optional[np.ndarray] = None
-                   ) -> Dict[str, Any]:
-    """Small-CNN FID / precision / recall against `ref_images` and class accuracy of the samples; with
-    `real_images`, also the FID of as many real training images (the floor the samples aim at)."""
-    done = read_done(out)
-    if done:
-        return done
-    from scipy.linalg import LinAlgWarning
-
-    from iar_jax.evaluation import metrics, small_cnn
-
-    t0 = time.time()
-    params = small_cnn.load_params()
-    with np.load(samples_npz) as z:
-        images, labels = z["arr_0"], z["labels"]
-    ref = small_cnn.predict(params, ref_images)
-    with warnings.catch_warnings():  # few samples: a singular covariance product is expected, not news
-        warnings.simplefilter("ignore", LinAlgWarning)
-        report = small_cnn.score_samples(images, labels, None, params, ref_pred=ref)
-        if real_images is not None:
-            real = small_cnn.predict(params, real_images[:len(images)])
-            report["fid_real_train"] = metrics.fid_from_features(real["features"], ref["features"])
-    report.update(num_samples=len(images), num_ref_images=len(ref_images))
-    report["seconds"] = time.time() - t0
-    return mark_done(out, report)
-
-
 # ----------------------------------------------------------------------------------------------
 # The whole run
 
@@ -344,7 +130,7 @@ def resolved_config(config, workdir: str):
     d = stage_dirs(workdir)
     rearrangement = ({"mapping_file": os.path.join(d["rearrange"], "mapping.npy"),
                       "cluster_size": int(config.cluster_size)} if config.variant == "iar" else None)
-    c.model = model_config_for(config.model, d["codes"], d["tokenizer"], rearrangement)
+    c.model = pipeline.model_config_for(config.model, d["codes"], d["tokenizer"], rearrangement)
     return c
 
 
@@ -376,10 +162,10 @@ def run(config, workdir: str, progress: bool = True, echo: Callable[[str], None]
     check_settings(workdir, config)
     d = stage_dirs(workdir)
     # A stage that is not done invalidates the later ones (they resume from their own files).
-    first = next((i for i, name in enumerate(STAGES) if not read_done(d[name])), len(STAGES))
+    first = next((i for i, name in enumerate(STAGES) if not pipeline.read_done(d[name])), len(STAGES))
     for name in STAGES[first + 1:]:
-        if read_done(d[name]):
-            os.remove(os.path.join(d[name], DONE))
+        if pipeline.read_done(d[name]):
+            os.remove(os.path.join(d[name], pipeline.DONE))
     skipped = list(STAGES[:first])
     if skipped:
         echo(f"resuming in {workdir}: done already: {', '.join(skipped)}")
@@ -391,29 +177,32 @@ def run(config, workdir: str, progress: bool = True, echo: Callable[[str], None]
         n = int(config.extract.num_images)
         train = datasets.ArrayDataset(train.images[:n], train.labels[:n], train.num_classes, f"{train.name}[:{n}]")
     test = datasets.load_dataset(config.dataset, config.eval.ref_split)
-    ref = _images(test, int(config.eval.ref_images))
+    images = pipeline.dataset_images
+    ref = images(test, int(config.eval.ref_images))
     records = {}
     iar = config.variant == "iar"
 
-    records["tokenizer"] = train_tokenizer_stage(d["tokenizer"], config.tokenizer, train,
-                                                 _images(test, int(config.tokenizer.data.eval_images)), progress)
+    tok_eval = images(test, int(config.tokenizer.data.eval_images))
+    records["tokenizer"] = pipeline.train_tokenizer_stage(d["tokenizer"], config.tokenizer, train, tok_eval, progress)
     if iar:
-        records["rearrange"] = rearrange_stage(d["rearrange"], d["tokenizer"], int(config.cluster_size))
+        records["rearrange"] = pipeline.rearrange_stage(d["rearrange"], d["tokenizer"], int(config.cluster_size))
     else:
-        records["rearrange"] = read_done(d["rearrange"]) or mark_done(d["rearrange"], {
+        records["rearrange"] = pipeline.read_done(d["rearrange"]) or pipeline.mark_done(d["rearrange"], {
             "seconds": 0.0, "skipped": "IAR2 trains without the cluster loss: no rearrangement"})
     r = records["rearrange"]
     echo("2/6 rearrange: " + (r.get("skipped") or f"intra-cluster MSE {r['intra_mse']:.4f}"))
-    records["codes"] = extract_codes_stage(d["codes"], d["tokenizer"], train, int(config.tokenizer.data.image_size),
-                                           int(config.extract.batch_size), int(config.extract.records_per_shard),
-                                           progress)
-    records["model"] = train_model_stage(d["model"], config.model, progress)
-    records["samples"] = sample_stage(d["samples"], config.model, d["model"], d["tokenizer"], config.sample, progress)
+    records["codes"] = pipeline.extract_codes_stage(d["codes"], d["tokenizer"], train,
+                                                    int(config.tokenizer.data.image_size),
+                                                    int(config.extract.batch_size),
+                                                    int(config.extract.records_per_shard), progress)
+    records["model"] = pipeline.train_model_stage(d["model"], config.model, progress)
+    records["samples"] = pipeline.sample_stage(d["samples"], config.model, d["model"], d["tokenizer"], config.sample,
+                                               progress)
     grid_path = os.path.join(workdir, "grid.png")
     with np.load(records["samples"]["npz"]) as z:
         if not os.path.exists(grid_path) or os.path.getmtime(grid_path) < os.path.getmtime(records["samples"]["npz"]):
             save_class_grid(grid_path, z["arr_0"], z["labels"], int(config.sample.grid_per_class))
-    records["evaluate"] = evaluate_stage(d["evaluate"], records["samples"]["npz"], ref, _images(train))
+    records["evaluate"] = pipeline.evaluate_stage(d["evaluate"], records["samples"]["npz"], ref, images(train))
     echo("6/6 evaluate: done")
 
     ev = records["evaluate"]
@@ -444,13 +233,13 @@ def sample_more(config, workdir: str, out: str, per_class: int = 4, seed: int = 
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     d = stage_dirs(workdir)
-    if not read_done(d["model"]):
+    if not pipeline.read_done(d["model"]):
         raise ValueError(f"{workdir} has no trained demo model; run `iar-jax demo --workdir={workdir}` first")
     s = ml_collections.ConfigDict(config.sample.to_dict())
     s.update(sampling)
     model_cfg = resolved_config(config, workdir).model
     labels = gen.class_labels(0, int(model_cfg.model.num_classes), int(per_class))
-    _sample(model_cfg, d["model"], d["tokenizer"], out, labels, s, len(labels), int(seed), progress)
+    pipeline.sample_classes(model_cfg, d["model"], d["tokenizer"], out, labels, s, len(labels), int(seed), progress)
     with np.load(os.path.join(out, "samples.npz")) as z:
         return {"images": z["arr_0"], "labels": z["labels"]}
 

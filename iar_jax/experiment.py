@@ -1,7 +1,7 @@
 """Miniature reproduction of IAR's training-speed claim (arXiv 2501.00880: IAR-B reaches LlamaGen-B's
 final FID ~42% sooner) on Fashion-MNIST; config and command: `configs/repro_fmnist.py`.
 
-Stages, each resumable from the workdir (the first three are `iar_jax.demo`'s stage functions):
+Stages, each resumable from the workdir (the first three are `iar_jax.pipeline`'s stage functions):
   tokenizer/   tiny VQ tokenizer on all training images
   rearrange/   balanced k-means over its codebook: mapping.npy
   codes/       codes of the first `code_images` training images (+ flips), ORIGINAL codebook
@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from iar_jax import demo
+from iar_jax import pipeline
 
 ARMS = {"baseline": 0.0, "iar": 1.0}  # cluster-CE weight lambda of each arm
 
@@ -149,21 +149,21 @@ def load_datasets(config):
 
 
 def stages(config, workdir: str, train, coded):
-    """Tokenizer -> rearrangement -> codes, with the demo's resumable stage functions.
+    """Tokenizer -> rearrangement -> codes, with the pipeline's resumable stage functions.
     Returns (tokenizer dir, mapping.npy path, codes dir)."""
 
     tok_dir, re_dir, codes_dir = (os.path.join(workdir, d) for d in ("tokenizer", "rearrange", "codes"))
-    demo.train_tokenizer_stage(tok_dir, config.tokenizer, train, progress=False)
-    mapping = demo.rearrange_stage(re_dir, tok_dir, int(config.cluster_size))["mapping_file"]
-    demo.extract_codes_stage(codes_dir, tok_dir, coded, int(config.tokenizer.data.image_size),
-                             batch_size=int(config.extract_batch), records_per_shard=8192, progress=False)
+    pipeline.train_tokenizer_stage(tok_dir, config.tokenizer, train, progress=False)
+    mapping = pipeline.rearrange_stage(re_dir, tok_dir, int(config.cluster_size))["mapping_file"]
+    pipeline.extract_codes_stage(codes_dir, tok_dir, coded, int(config.tokenizer.data.image_size),
+                                 batch_size=int(config.extract_batch), records_per_shard=8192, progress=False)
     return tok_dir, mapping, codes_dir
 
 
 def run_config(config, arm: str, seed: int, codes_dir: str, tok_dir: str, mapping_path: str):
     # Both arms train on the rearranged ids; the baseline's cluster weight is 0.
-    c = demo.model_config_for(config.ar, codes_dir, tok_dir,
-                              {"mapping_file": mapping_path, "cluster_size": int(config.cluster_size)})
+    c = pipeline.model_config_for(config.ar, codes_dir, tok_dir,
+                                  {"mapping_file": mapping_path, "cluster_size": int(config.cluster_size)})
     c.loss.cluster_weight = ARMS[arm]
     c.train.seed = int(seed)
     c.train.ckpt_every = int(config.eval_every)
@@ -231,10 +231,10 @@ def train_and_eval_run(config, run_dir: str, run_cfg, evaluator: Evaluator, seed
     if not os.path.exists(done_path):
         t0 = time.time()
         _, state = trainer.train_and_evaluate(run_cfg, run_dir)
-        demo.check_finished(state["step"], run_cfg.train.num_steps, run_dir)
-        demo.write_json(done_path, {"seconds": time.time() - t0})
+        pipeline.check_finished(state["step"], run_cfg.train.num_steps, run_dir)
+        pipeline.write_json(done_path, {"seconds": time.time() - t0})
     evals_path = os.path.join(run_dir, "evals.json")
-    evals = demo.read_json(evals_path, {})
+    evals = pipeline.read_json(evals_path, {})
     total = int(run_cfg.train.num_steps)
     expect = {"model_family": run_cfg.model_family, "model": trainer.structural_model_meta(run_cfg)}
     for step in eval_steps(run_cfg, config):
@@ -245,7 +245,7 @@ def train_and_eval_run(config, run_dir: str, run_cfg, evaluator: Evaluator, seed
         keep = bool(config.keep_samples) and step == total
         evals[str(step)] = dict(evaluator(params, os.path.join(run_dir, f"samples_{step}"), seed, keep),
                                 seconds=time.time() - t0)
-        demo.write_json(evals_path, evals)
+        pipeline.write_json(evals_path, evals)
         logging.info("%s step %d: %s", run_dir, step, evals[str(step)])
     steps = sorted(int(s) for s in evals)
     return {"steps": steps, "fid": [evals[str(s)]["fid"] for s in steps],
@@ -261,7 +261,7 @@ def write_report(workdir: str, curves, info: Dict[str, Any]) -> Dict[str, Any]:
         f.write(md)
     report = {"table": rows, "curves": {a: {str(s): r for s, r in runs.items()} for a, runs in curves.items()},
               **info}
-    demo.write_json(os.path.join(workdir, "table.json"), report)
+    pipeline.write_json(os.path.join(workdir, "table.json"), report)
     plot_curves(os.path.join(workdir, "curves.png"), curves, info.get("title", ""))
     return report
 
@@ -276,13 +276,13 @@ def run(config, workdir: str) -> Dict[str, Any]:
             raise ValueError(f"unknown arm {a!r} in config.arms; use {', '.join(ARMS)}")
     if int(config.eval_every) <= 0 or int(config.seeds) <= 0:
         raise ValueError("config.eval_every and config.seeds must be positive; e.g. --config.eval_every=100")
-    timings = demo.read_json(os.path.join(workdir, "timings.json"), {})
+    timings = pipeline.read_json(os.path.join(workdir, "timings.json"), {})
 
     def timed(name, fn, *args):
         t0 = time.time()
         out = fn(*args)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
-        demo.write_json(os.path.join(workdir, "timings.json"), timings)
+        pipeline.write_json(os.path.join(workdir, "timings.json"), timings)
         return out
 
     train, coded, ref_images, note = load_datasets(config)
@@ -299,7 +299,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
         run_dir = os.path.join(workdir, "runs", f"{arm}_s{seed}")
         cfg = run_config(config, arm, seed, codes_dir, tok_dir, mapping_path)
         finished = os.path.exists(os.path.join(run_dir, "evals.json")) and \
-            len(demo.read_json(os.path.join(run_dir, "evals.json"))) == len(eval_steps(cfg, config))
+            len(pipeline.read_json(os.path.join(run_dir, "evals.json"))) == len(eval_steps(cfg, config))
         curves[arm][seed] = timed(f"run_{arm}_s{seed}", train_and_eval_run, config, run_dir, cfg, evaluator, seed)
         if not finished or k == len(runs) - 1:  # partial results after every new run
             info["wall_seconds_this_invocation"] = time.time() - t_start

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
-import os
 from typing import NamedTuple
 
 import jax
@@ -296,77 +293,3 @@ def reorder_params(params, new_order, codebook: str = "embedding"):
         raise ValueError(f"new_order has {len(new_order)} entries but quantize/{codebook} has {len(table)} codes; "
                          "rearrange this tokenizer's codebook")
     return {**params, "quantize": {**q, codebook: table[np.asarray(new_order)]}}
-
-
-# ----------------------------------------------------------------------------------------------
-# A tokenizer checkpoint in, the `iar-jax rearrange` outputs out
-
-
-def write_outputs(out: str, r, info: dict) -> None:
-    os.makedirs(out, exist_ok=True)
-    np.save(os.path.join(out, "mapping.npy"), r.mapping.astype(np.int32))
-    np.save(os.path.join(out, "new_order.npy"), r.new_order.astype(np.int32))
-    np.save(os.path.join(out, "codebook.npy"), r.codebook)
-    with open(os.path.join(out, "rearrangement.json"), "w") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
-
-
-def write_tokenizer(out: str, cfg, params, info: dict) -> str:
-    from iar_jax.checkpointing import Checkpointer
-    from iar_jax.tokenizer.config import model_meta
-
-    path = os.path.join(out, "tokenizer")
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), keep=1, async_save=False)
-    meta = {"kind": "tokenizer_rearranged", "model_family": "tokenizer", "model": model_meta(cfg), "rearranged": info}
-    ckpt.save(0, {"params": params}, {}, meta, force=True)
-    ckpt.close()
-    return path
-
-
-def write_torch(out: str, tokenizer_path: str, codebook: str, r) -> None:
-    try:
-        import torch
-    except ImportError:
-        logging.warning("torch is not installed: not writing tokenizer_reordered.pt / mapping.pt")
-        return
-    raw = torch.load(tokenizer_path, map_location="cpu", weights_only=False)
-    key = f"quantize.{codebook}.weight" if codebook == "embedding" else "quantize.embedding_second"
-    found = 0
-    for sd in (raw, raw.get("model"), raw.get("ema")) if isinstance(raw, dict) else ():
-        for k in list(sd or {}) if isinstance(sd, dict) else ():
-            if k.split("module.")[-1] == key:
-                sd[k] = sd[k][torch.from_numpy(r.new_order)]
-                found += 1
-    if not found:
-        logging.warning("no %s in %s: not writing tokenizer_reordered.pt", key, tokenizer_path)
-        return
-    torch.save(raw, os.path.join(out, "tokenizer_reordered.pt"))
-    torch.save(torch.from_numpy(r.mapping.astype(np.int64)), os.path.join(out, "mapping.pt"))
-
-
-def rearrange_tokenizer(tokenizer: str, out: str, cluster_size: int, codebook: str = "embedding",
-                        method: str = "anneal", seed: int = 0, nn_chain: bool = True, want=None) -> dict:
-    """Rearranges a tokenizer's codebook (a train_tokenizer workdir or official .pt file) and writes
-    mapping.npy, new_order.npy, codebook.npy, rearrangement.json and the reordered tokenizer/ to
-    `out` (layout: `iar_jax.commands.rearrange`); returns the rearrangement.json contents.
-    `want` (a VQConfig) pins the model of a .pt file."""
-    from iar_jax.data.extract import tokenizer_fingerprint
-    from iar_jax.tokenizer.checkpoint import TORCH_SUFFIXES, load_tokenizer
-
-    cfg, params = load_tokenizer(tokenizer, want)
-    table = params.get("quantize", {}).get(codebook)
-    if table is None:
-        raise ValueError(f"{tokenizer} has no quantize/{codebook}; use --codebook=embedding"
-                         + (" or embedding_second" if cfg.dual else ""))
-    # Cluster in the geometry the quantizer looks codes up in: IAR2's detail table is used raw.
-    normalize = cfg.codebook_l2_norm and codebook == "embedding"
-    kcfg = KMeansConfig(cluster_size=cluster_size, method=method, seed=seed, nn_chain=nn_chain, normalize=normalize)
-    r = rearrange_codebook(np.asarray(table), kcfg)
-    info = {"tokenizer": os.path.abspath(tokenizer), "codebook": codebook, "num_codes": len(r.mapping),
-            "cluster_size": cluster_size, "method": method, "seed": seed, "intra_mse": r.intra_mse,
-            "iterations": r.iterations, "normalized": normalize, "tokenizer_fingerprint": tokenizer_fingerprint(params)}
-    write_outputs(out, r, info)
-    write_tokenizer(out, cfg, reorder_params(params, r.new_order, codebook), info)
-    if tokenizer.endswith(TORCH_SUFFIXES):
-        write_torch(out, tokenizer, codebook, r)
-    return info

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from iar_jax import checkpointing, sharding
-from iar_jax.families import Family, get_family
+from iar_jax.models.families import Family, get_family
 from iar_jax.runtime import NonFiniteLossError, Preemption
 
 

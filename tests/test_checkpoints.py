@@ -134,7 +134,7 @@ def test_no_readable_checkpoint_stops_unless_start_over(workdir):
 
 
 def _mesh_shardings(n_devices):
-    from iar_jax.families import get_family
+    from iar_jax.models.families import get_family
     from iar_jax.sampling.generate import model_param_shardings
 
     cfg = _config(**{"mesh.data": n_devices, "mesh.fsdp": 1})
@@ -253,6 +253,7 @@ def test_workdir_lock(tmp_path, caplog):
     assert os.path.exists(lock)  # someone else's lock is never removed
 
 
+@pytest.mark.slow  # three CLI trainings in subprocesses
 def test_cli_second_trainer_refused_sigterm_exits_143_then_resumes(tmp_path, repo_root):
     wd = str(tmp_path / "run")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",

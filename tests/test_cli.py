@@ -207,6 +207,7 @@ def _error_lines(stderr):
     return [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]
 
 
+@pytest.mark.slow  # one CLI process per bad input: ~3.5 min on 2 CPU cores
 def test_bad_inputs_are_one_line_errors(wd):
     rows = ROWS + PARTIAL
     before = snapshot(wd)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from iar_jax.config_lib import load_config
-from iar_jax.families import get_family
+from iar_jax.models.families import get_family
 from iar_jax.models import gpt
 
 torch = pytest.importorskip("torch")  # the torch-free round trip is in test_gpt.py

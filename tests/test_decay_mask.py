@@ -10,7 +10,7 @@ import pytest
 from iar_jax import trainer as trainer_lib
 from iar_jax.config_lib import load_config
 from iar_jax.convert import gpt as gpt_convert, iar2_gpt as iar2_convert
-from iar_jax.families import get_family
+from iar_jax.models.families import get_family
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

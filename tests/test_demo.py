@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # several demo runs in subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("tokenizer", "rearrange", "codes", "model", "samples", "evaluate")
 REWRITTEN = ("metrics.json", "summary.txt")  # rewritten by every run (they hold this run's timing)

@@ -75,7 +75,7 @@ def _random_tokenizer(config, tok_dir):
     import jax
     import jax.numpy as jnp
 
-    from iar_jax import checkpointing, demo
+    from iar_jax import checkpointing, pipeline
     from iar_jax.tokenizer.config import model_config_from, model_meta
     from iar_jax.tokenizer.vq_model import build_model
 
@@ -88,9 +88,10 @@ def _random_tokenizer(config, tok_dir):
     ckpt.save(0, {"params": params}, {}, {"kind": "test_random", "model_family": "tokenizer",
                                           "model": model_meta(cfg)}, force=True)
     ckpt.close()
-    demo.mark_done(tok_dir, {"steps": 0})
+    pipeline.mark_done(tok_dir, {"steps": 0})
 
 
+@pytest.mark.slow
 def test_tiny_experiment_writes_outputs_and_resumes(tmp_path):
     from iar_jax import runtime
 

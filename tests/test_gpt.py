@@ -7,7 +7,7 @@ import pytest
 
 from iar_jax.config_lib import load_config
 from iar_jax.convert import ConversionError, from_torch, to_torch
-from iar_jax.families import get_family
+from iar_jax.models.families import get_family
 from iar_jax.models import gpt
 
 

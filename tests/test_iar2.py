@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from iar_jax import local_context
+from iar_jax.models import local_context
 from iar_jax.convert import ConversionError, from_torch, to_torch
 from iar_jax.models import iar2
 from iar_jax.models.iar2 import IAR2, IAR2Config
@@ -340,7 +340,7 @@ def test_tiny_iar2_overfits_one_batch():
     import flax.linen as nn
     import optax
 
-    from iar_jax.families import get_family
+    from iar_jax.models.families import get_family
     from iar_jax.trainer import decay_mask, make_optimizer
 
     config = load_config("tiny")

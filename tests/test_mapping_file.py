@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from iar_jax.families import load_mapping
+from iar_jax.models.iar import load_mapping
 
 VOCAB = 16384
 

@@ -145,8 +145,8 @@ def _numpy_lpips(sd, x, y):
 
 
 def test_lpips_from_user_files_matches_numpy_reference(tmp_path):
-    from iar_jax.convert.lpips import from_torchvision
-    from iar_jax.tokenizer.lpips import CONV_OUT, LPIPS, load_lpips_params
+    from iar_jax.convert.lpips import from_torchvision, load_lpips_params
+    from iar_jax.tokenizer.lpips import CONV_OUT, LPIPS
 
     rng = np.random.default_rng(0)
     vgg, cin = {}, 3

@@ -21,6 +21,7 @@ def v5e_2x2():
 
 
 @needs_libtpu
+@pytest.mark.slow  # TPU compiles: these and the Pallas one take ~2.5 min on 2 CPU cores
 @pytest.mark.parametrize("family", ["iar", "iar2"])
 @pytest.mark.parametrize("what", ["train", "sample"])
 def test_tiny_programs_compile_for_v5e_and_fit(v5e_2x2, family, what):
@@ -73,6 +74,7 @@ def test_collective_inventory_of_hand_written_hlo():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_pallas_flash_attention_lowers_for_tpu(v5e_2x2):
     """model.attention=pallas_flash: the train step runs the Pallas TPU kernel (a TPU custom call),
     forward and gradient, per shard; 16x16 tokens make the 256-long sequence the kernel's blocks tile."""

@@ -91,7 +91,7 @@ def _tiny_run_config(tmp_steps=6, **kw):
 
 
 def test_injected_nan_stops_and_keeps_last_checkpoint(tmp_path):
-    from iar_jax import families
+    from iar_jax.models import families
 
     cfg = _tiny_run_config(6)
     base = families.get_family("iar")
@@ -156,7 +156,7 @@ def test_bad_batches_and_mapping(tmp_path):
 
 
 def test_mapping_is_applied_to_codes(tmp_path):
-    from iar_jax import families
+    from iar_jax.models import families
 
     cfg = _config(**{"model.token_dropout": 0.0, "model.resid_dropout": 0.0, "model.ffn_dropout": 0.0,
                      "model.class_dropout": 0.0})

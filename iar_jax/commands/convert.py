@@ -25,7 +25,7 @@ flags.mark_flags_as_required(["kind"])
 
 def model_config_for(kind: str, config):
     if kind in ("llamagen_gpt", "iar2_gpt"):
-        from iar_jax.families import get_family
+        from iar_jax.models.families import get_family
 
         family = "iar" if kind == "llamagen_gpt" else "iar2"
         if config is None or config.get("model_family") != family:

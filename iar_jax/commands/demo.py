@@ -2,9 +2,10 @@
 
 Trains a tiny tokenizer on the embedded Fashion-MNIST subset, rearranges its codebook (IAR), extracts
 codes, trains a tiny IAR (or IAR2) model, samples every class and reports the small-classifier FID
-and class accuracy: DIR/grid.png, DIR/metrics.json, DIR/summary.txt (stages: `iar_jax.demo`).
-About 5 minutes on a 2-core CPU (README: measured). Rerunning the same command resumes; DIR defaults to
-~/iar-jax-demo/VARIANT. `--preset=smoke` is a seconds-long run with useless quality (tests).
+and class accuracy: DIR/grid.png, DIR/metrics.json, DIR/summary.txt (`iar_jax.demo`, its stages
+`iar_jax.pipeline`). About 5 minutes on a 2-core CPU (README: measured). Rerunning the same command
+resumes; DIR defaults to ~/iar-jax-demo/VARIANT. `--preset=smoke` is a seconds-long run with useless
+quality (tests).
 """
 from absl import flags, logging
 

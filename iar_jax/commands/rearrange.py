@@ -1,6 +1,7 @@
 """`iar-jax rearrange --tokenizer=CKPT --cluster_size=128 --out=DIR [--codebook=embedding]`.
 
-Balanced k-means over the tokenizer's codebook (IAR, SPEC §3; `iar_jax.rearrange`). Writes to DIR:
+Balanced k-means over the tokenizer's codebook (IAR, SPEC §3; `iar_jax.rearrange`; files:
+`iar_jax.pipeline.rearrange_tokenizer`). Writes to DIR:
   mapping.npy        old code id -> new id: training applies it to codes extracted with the
                      ORIGINAL tokenizer (`--config.loss.mapping_file=DIR/mapping.npy`);
   new_order.npy      new id -> old id;  codebook.npy: the reordered (un-normalised) codebook;
@@ -37,7 +38,7 @@ def main(argv):
     console.check_output_dir(_OUT.value, "--out")
     if _CLUSTER.value < 1:
         raise ValueError(f"--cluster_size={_CLUSTER.value} must be positive (IAR: 128 for 16384 codes)")
-    from iar_jax.rearrange import rearrange_tokenizer
+    from iar_jax.pipeline import rearrange_tokenizer
 
     runtime.setup()
 

@@ -67,7 +67,7 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     check_inputs(config, workdir)
     from iar_jax import trainer
-    from iar_jax.families import get_family
+    from iar_jax.models.families import get_family
 
     def source():
         src = trainer.make_source(config, get_family(config.model_family).batch_spec(config))

@@ -5,16 +5,17 @@ The kind's torch layout is the reference `LPIPS` module's own state dict:
 `lin{k}.model.1.weight`; its `scaling_layer.shift|scale` buffers are constants here.
 `from_torchvision(vgg16_sd, lin_sd)` builds that layout from the two files users have: a
 torchvision `vgg16` state dict (`features.{i}.*`; the unused `classifier.*` is dropped) and the
-LPIPS linear weights (`lin{k}.model.1.weight`).
+LPIPS linear weights (`lin{k}.model.1.weight`); `load_lpips_params` reads those two files.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Dict, Mapping
+import os
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from iar_jax.convert.common import ConversionError, Rule, from_torch, register
+from iar_jax.convert.common import ConversionError, Rule, from_torch, load_torch_file, register, unwrap_state_dict
+from iar_jax.tokenizer.lpips import SLICES, lpips_abstract_params
 
 SCALING_BUFFERS = {
     "scaling_layer.shift": np.array([-0.030, -0.088, -0.188], np.float32).reshape(1, 3, 1, 1),
@@ -31,8 +32,6 @@ def _hwio_to_oihw(w):
 
 
 def _rules(cfg=None) -> Dict[str, Rule]:
-    from iar_jax.tokenizer.lpips import SLICES
-
     rules = {}
     for s, convs in SLICES:
         for i in convs:
@@ -44,8 +43,6 @@ def _rules(cfg=None) -> Dict[str, Rule]:
 
 
 def _abstract(cfg=None):
-    from iar_jax.tokenizer.lpips import lpips_abstract_params
-
     return lpips_abstract_params()
 
 
@@ -53,16 +50,11 @@ def _buffers(cfg=None):
     return dict(SCALING_BUFFERS)
 
 
-if "buffers" in inspect.signature(register).parameters:  # buffer hook of convert/common.py, if present
-    register("lpips", _rules, _abstract, buffers=_buffers)
-else:
-    register("lpips", _rules, _abstract)
+register("lpips", _rules, _abstract, buffers=_buffers)
 
 
 def from_torchvision(vgg16_state_dict: Mapping[str, Any], lin_state_dict: Mapping[str, Any]):
     """torchvision `vgg16` state dict + LPIPS `lin{k}.model.1.weight` dict -> Flax LPIPS params (strict)."""
-    from iar_jax.tokenizer.lpips import SLICES
-
     slice_of = {i: s for s, convs in SLICES for i in convs}
     sd: Dict[str, Any] = {}
     stray = []
@@ -83,3 +75,23 @@ def from_torchvision(vgg16_state_dict: Mapping[str, Any], lin_state_dict: Mappin
             raise ConversionError(f"key {k} is in both the VGG16 and the LPIPS linear-layer files; pass them in order (vgg, lin)")
         sd[k] = v
     return from_torch(sd, "lpips", None)
+
+
+def load_lpips_params(vgg_path: Optional[str], lin_path: Optional[str]):
+    """Reads the user's torchvision VGG16 and LPIPS-linear files into LPIPS params (one-line errors)."""
+    for what, p, flag in (("VGG16", vgg_path, "lpips_vgg_path"), ("LPIPS linear-layer", lin_path, "lpips_lin_path")):
+        if not p or not os.path.exists(p):
+            raise ValueError(
+                f"LPIPS is on but the {what} weights file {p!r} does not exist; set config.loss.{flag} to a local file "
+                f"or turn LPIPS off with --config.loss.perceptual_weight=0"
+            )
+    vgg = unwrap_state_dict(_load(vgg_path))
+    lin = unwrap_state_dict(_load(lin_path))
+    return from_torchvision(vgg, lin)
+
+
+def _load(path: str):
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    return load_torch_file(path)

@@ -4,7 +4,7 @@ Each image position carries a semantic id k (vocab 256) and a detail id j (vocab
   * input fusion: one token per position, e = MLP(concat(E_s[k], E_d[j]));
   * trunk: LlamaGen blocks over [class, e_0 .. e_{T-2}] give h_t, the state that predicts (k_t, j_t);
     the reference has NO final norm on the trunk;
-  * local context (`iar_jax.local_context`): 12 causal neighbours of h_t compressed into h_ctx;
+  * local context (`iar_jax.models.local_context`): 12 causal neighbours of h_t compressed into h_ctx;
   * head: 5 blocks over the 3-token causal sequence [h_ctx, h_t, E_s(k_t)], then the one final
     RMSNorm; semantic logits from position 1, detail logits from position 2;
   * loss = w1·CE(semantic) + CE(detail).
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iar_jax import families
+from iar_jax.models import families
 from iar_jax.cluster_loss import token_ce
-from iar_jax.local_context import MLP, LocalContext, grid_side
+from iar_jax.models.local_context import MLP, LocalContext, grid_side
 from iar_jax.models.gpt import GPTConfig, LabelEmbedder, TransformerStack, init_cache, rope_table_2d
 
 Array = jax.Array
@@ -225,33 +225,6 @@ def sampling_step_fns(module: IAR2, cfg: IAR2Config, unroll_layers: bool = True,
                    prepare=prepare)
 
 
-def decode_bytes(cfg: IAR2Config, params, rows: int, dtype):
-    """What one sampling position reads (`families.Family.decode_bytes`): every matrix once except
-    the gathered embedding tables, the head blocks twice (semantic, then detail pass); the trunk
-    cache (step n attends to n + 1 entries: (T + 1) / 2 on average) and the 3-entry head cache.
-    The window's 12 compressed slots are negligible."""
-    T = cfg.num_tokens
-    head = families.kv_bytes(cfg.head_layers, rows, HEAD_LEN, cfg.dim, dtype)
-    return {"weights": families.matmul_weight_bytes(params, dtype, repeat={"head": 2}),
-            "kv_full": families.kv_bytes(cfg.n_layer, rows, T, cfg.dim, dtype) + head,
-            "kv_avg": families.kv_bytes(cfg.n_layer, rows, (T + 1) / 2, cfg.dim, dtype) + head}
-
-
-def train_flops(cfg: IAR2Config, batch: int) -> float:
-    """6 · matmul weights · tokens per part, plus attention products (fwd + bwd). Tokens per
-    example: fusion T − 1 (the last position feeds nothing), trunk / window / output MLPs T, head
-    3T ([h_ctx, h_t, E_s(k_t)] per position)."""
-    T = cfg.num_tokens
-    tokens = {"fusion": T - 1, "trunk": T, "local_context": T, "head": HEAD_LEN * T, "sem_output": T, "det_output": T}
-    dense = 0.0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg)):
-        names = [str(getattr(k, "key", k)) for k in path]
-        if names[-1] == "kernel":
-            dense += 6.0 * int(np.prod(leaf.shape)) * tokens[names[0]] * batch
-    attn = 6.0 * 2 * cfg.dim * batch * (cfg.n_layer * T * T + cfg.head_layers * T * HEAD_LEN ** 2)  # QK^T and PV
-    return dense + attn
-
-
 # ----------------------------------------------------------------------------------------------
 # Model family (shared trainer / sampler)
 
@@ -312,4 +285,4 @@ def abstract_params(cfg: IAR2Config):
 
 
 IAR2_FAMILY = families.register(families.Family("iar2", _build, _spec, _make_loss, check_batch, _init,
-                                                sampling_step_fns, decode_bytes, train_flops))
+                                                sampling_step_fns))

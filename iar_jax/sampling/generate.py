@@ -427,7 +427,8 @@ def build_sampling(config, tokenizer: str, mesh, mapping_file: str = "", **spec_
     """(spec, sample_fn, decode_fn, param_shardings) for the model `config` describes: the family's
     sampler step with `make_spec(**spec_args)`, sharded on `mesh`, and the tokenizer's decoder
     (IAR ids mapped back through `mapping_file` first). Checks the tokenizer's vocab against the model's."""
-    from iar_jax.families import get_family, load_mapping
+    from iar_jax.models.families import get_family
+    from iar_jax.models.iar import load_mapping
     from iar_jax.tokenizer.checkpoint import load_tokenizer
 
     family = get_family(config.model_family)

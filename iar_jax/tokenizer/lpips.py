@@ -7,12 +7,13 @@ unit-normalised over channels (eps 1e-10), squared differences go through a bias
 one channel (`lin{i}.model.1`, dropout inactive at eval), are averaged over space and summed.
 
 The weights are never downloaded: the user gives a torchvision `vgg16` state dict and the LPIPS
-linear-layer file (`vgg.pth` with `lin{i}.model.1.weight`); `load_lpips_params` converts both.
+linear-layer file (`vgg.pth` with `lin{i}.model.1.weight`); `iar_jax.convert.lpips.load_lpips_params`
+converts both.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -80,28 +81,3 @@ class LPIPS(nn.Module):
 def lpips_abstract_params():
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     return jax.eval_shape(lambda r, a: LPIPS().init(r, a, a), jax.random.key(0), x)["params"]
-
-
-def load_lpips_params(vgg_path: Optional[str], lin_path: Optional[str]):
-    """Reads the user's torchvision VGG16 and LPIPS-linear files into LPIPS params (one-line errors)."""
-    import os
-
-    from iar_jax.convert.common import load_torch_file, unwrap_state_dict
-    from iar_jax.convert.lpips import from_torchvision
-
-    for what, p, flag in (("VGG16", vgg_path, "lpips_vgg_path"), ("LPIPS linear-layer", lin_path, "lpips_lin_path")):
-        if not p or not os.path.exists(p):
-            raise ValueError(
-                f"LPIPS is on but the {what} weights file {p!r} does not exist; set config.loss.{flag} to a local file "
-                f"or turn LPIPS off with --config.loss.perceptual_weight=0"
-            )
-    vgg = unwrap_state_dict(_load(vgg_path, load_torch_file))
-    lin = unwrap_state_dict(_load(lin_path, load_torch_file))
-    return from_torchvision(vgg, lin)
-
-
-def _load(path: str, load_torch_file):
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    return load_torch_file(path)

@@ -470,7 +470,7 @@ def build_trainer(config, mesh=None) -> "TokenizerTrainer":
     loss_cfg = cfg_lib.loss_config_from(config)
     lpips_params = None
     if loss_cfg.perceptual_weight:
-        from iar_jax.tokenizer.lpips import load_lpips_params
+        from iar_jax.convert.lpips import load_lpips_params
 
         lpips_params = load_lpips_params(config.loss.lpips_vgg_path, config.loss.lpips_lin_path)
     else:
