@@ -1,6 +1,8 @@
 """The reproduction experiment (iar_jax/experiment.py): table logic on hand-made curves, and a tiny
-end-to-end run (2 seeds, a few steps) that writes the plot and tables and resumes without retraining."""
+end-to-end run (one regime, three arms, 2 seeds, a few steps) that writes the plot and tables and
+resumes without retraining."""
 import json
+import math
 import os
 
 import numpy as np
@@ -9,45 +11,86 @@ import pytest
 from iar_jax import experiment as E
 
 
-def test_steps_to_reach_first_step_at_or_below_target():
+def test_reach_step_interpolates_between_evaluated_steps():
     steps = [10, 20, 30, 40]
-    assert E.steps_to_reach(steps, [9.0, 7.0, 5.0, 6.0], 7.0) == 20  # equality counts
-    assert E.steps_to_reach(steps, [9.0, 7.0, 5.0, 6.0], 5.5) == 30  # first hit, not the last
-    assert E.steps_to_reach(steps, [9.0, 8.0, 7.5, 7.1], 7.0) is None
-    assert E.steps_to_reach([], [], 1.0) is None
+    fids = [9.0, 7.0, 5.0, 6.0]
+    assert E.reach_step(steps, fids, 6.0) == pytest.approx(25.0)  # 20 + (7 - 6) / (7 - 5) * 10
+    assert E.reach_step(steps, fids, 7.0) == pytest.approx(20.0)  # equality: exactly that step
+    assert E.reach_step(steps, fids, 10.0) == 10.0  # already there at the first evaluation
+    assert E.reach_step(steps, fids, 4.0) == math.inf  # never
 
 
-def test_summarize_pairs_each_seed_with_its_baseline():
+def test_speed_ratio_uses_the_seed_mean_curves():
+    steps = [1, 2, 3]
+    base = np.array([[10.0, 8.0, 6.0], [12.0, 8.0, 4.0]])  # mean 11, 8, 5: target 5
+    arm = np.array([[9.0, 6.0, 4.0], [9.0, 4.0, 4.0]])  # mean 9, 5, 4: reaches 5 at step 2
+    assert E.speed_ratio(steps, base, arm) == pytest.approx(2 / 3)
+    assert E.speed_ratio(steps, base, base) == pytest.approx(1.0)
+    assert E.speed_ratio(steps, base, base + 1) == math.inf
+
+
+def test_relative_change_last():
+    steps = [100, 200, 300, 400, 500]
+    assert E.relative_change_last(steps, [50.0, 40.0, 30.0, 20.0, 10.0]) == pytest.approx(0.5)  # 20 -> 10
+    assert E.relative_change_last([10, 20], [8.0, 6.0], 0.25) == pytest.approx(1 / 7)  # FID(15) = 7
+
+
+def test_bootstrap_interval():
+    vals = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    point, (lo, hi) = E.bootstrap(5, lambda i: vals[i].mean(), 2000)
+    assert point == 3.0 and 1.0 <= lo < 3.0 < hi <= 5.0
+    # The interval of a mean of 5 values: about ±1.96 · sd / sqrt(5) (sd with ddof 0, as the bootstrap).
+    half = 1.96 * vals.std() / np.sqrt(5)
+    assert lo == pytest.approx(3 - half, abs=0.3) and hi == pytest.approx(3 + half, abs=0.3)
+    assert E.bootstrap(4, lambda i: 7.0, 100) == (7.0, (7.0, 7.0))
+    assert E.bootstrap(1, lambda i: 2.0, 100) == (2.0, (2.0, 2.0))
+    # inf-safe: a statistic that is infinite for some resamples gives an infinite upper end.
+    _, (lo, hi) = E.bootstrap(5, lambda i: math.inf if (i == 0).sum() >= 2 else 1.0, 500)
+    assert lo == 1.0 and hi == math.inf
+
+
+def test_wrong_in_right_cluster():
+    cluster_of = np.array([0, 0, 1, 1])
+    target = np.array([0, 0, 2, 3, 1])
+    pred = np.array([0, 1, 3, 0, 2])  # wrong: 1 (same cluster), 3 (same), 0 (other), 2 (other)
+    assert E.wrong_in_right_cluster(pred, target, cluster_of) == pytest.approx(0.5)
+    assert math.isnan(E.wrong_in_right_cluster(target, target, cluster_of))
+
+
+def test_random_mapping_is_a_seeded_permutation():
+    m = E.random_mapping(64, 3)
+    assert sorted(m.tolist()) == list(range(64))
+    assert np.array_equal(m, E.random_mapping(64, 3)) and not np.array_equal(m, E.random_mapping(64, 4))
+
+
+def test_summarize_pairs_seeds_and_computes_each_statistic():
     steps = [100, 200, 300, 400]
     curves = {
-        "baseline": {0: {"steps": steps, "fid": [50.0, 30.0, 22.0, 20.0]},
-                     1: {"steps": steps, "fid": [60.0, 40.0, 18.0, 24.0]}},
+        "baseline": {0: {"steps": steps, "fid": [50.0, 30.0, 22.0, 20.0], "class_accuracy": [0.1, 0.2, 0.3, 0.4]},
+                     1: {"steps": steps, "fid": [60.0, 40.0, 18.0, 24.0], "class_accuracy": [0.1, 0.2, 0.3, 0.6]}},
         "iar": {0: {"steps": steps, "fid": [40.0, 20.0, 15.0, 14.0], "class_accuracy": [0.1, 0.2, 0.3, 0.5]},
-                1: {"steps": steps, "fid": [45.0, 23.0, 21.0, 19.0], "class_accuracy": [0.1, 0.2, 0.3, 0.7]}},
-    }  # iar reaches 20.0 (seed 0) and 24.0 (seed 1) at step 200
-    rows = E.summarize(curves)
+                1: {"steps": steps, "fid": [44.0, 24.0, 21.0, 20.0], "class_accuracy": [0.1, 0.2, 0.3, 0.7]},
+                2: {"steps": steps, "fid": [1.0, 1.0, 1.0, 1.0], "class_accuracy": [1.0, 1.0, 1.0, 1.0]}},
+    }  # seed 2 has no baseline: left out everywhere
+    rob = {"baseline": {0: 0.2, 1: 0.4}, "iar": {0: 0.5, 1: 0.7, 2: 1.0}}
+    rows = E.summarize(curves, rob, n_boot=200)
     b, i = rows["baseline"], rows["iar"]
-    # Baseline seed 0 first reaches its own final 20.0 at 400; seed 1 reaches 24.0 already at 300.
-    assert b["steps_to_baseline_final"]["mean"] == pytest.approx(350.0)
-    assert b["steps_to_baseline_final"]["std"] == pytest.approx(np.sqrt(2 * 50.0 ** 2))  # ddof = 1
-    assert i["steps_to_baseline_final"]["mean"] == pytest.approx(200.0)
-    assert i["steps_to_baseline_final"]["std"] == pytest.approx(0.0)
-    assert i["final_fid"]["mean"] == pytest.approx(16.5)
-    assert i["final_fid"]["std"] == pytest.approx(np.sqrt(2 * 2.5 ** 2))
-    assert (i["reached"], i["paired"], i["final_step"]) == (2, 2, 400)
-    md = E.table_markdown(rows)
-    assert i["final_class_accuracy"]["mean"] == pytest.approx(0.6)
-    assert b["final_class_accuracy"] is None  # the baseline curves carry no accuracies
-    assert "| iar | 2 | 200 ± 0 (2/2 seeds reached) | 16.50 ± 3.54 | 0.600 ± 0.141 | 400 |" in md
-
-
-def test_summarize_not_reached_and_unpaired():
-    steps = [1, 2]
-    rows = E.summarize({"baseline": {0: {"steps": steps, "fid": [5.0, 3.0]}},
-                        "iar": {0: {"steps": steps, "fid": [6.0, 4.0]}, 1: {"steps": steps, "fid": [2.0, 1.0]}}})
-    assert rows["iar"]["reached"] == 0 and rows["iar"]["paired"] == 1  # seed 1 has no baseline yet
-    assert rows["iar"]["steps_to_baseline_final"] is None
-    assert "not reached" in E.table_markdown(rows)
+    assert b["seeds"] == i["seeds"] == [0, 1]
+    # Baseline mean curve 55, 35, 20, 22: its final 22 is first reached between 200 (35) and 300 (20).
+    assert b["speed_ratio"]["value"] == pytest.approx((200 + (35 - 22) / (35 - 20) * 100) / 400)
+    # iar mean curve 42, 22, 18, 17: reaches 22 at step 200.
+    assert i["speed_ratio"]["value"] == pytest.approx(0.5)
+    assert i["final_fid"]["value"] == pytest.approx(17.0)
+    assert i["final_fid_minus_baseline"]["value"] == pytest.approx(-5.0)  # (14 - 20 + 20 - 24) / 2
+    assert i["final_class_accuracy"]["value"] == pytest.approx(0.6)
+    assert i["wrong_in_right_cluster"]["value"] == pytest.approx(0.6)
+    assert b["fid_change_last_20pct"] == pytest.approx(1.6 / 20.4)  # FID(320) = 20 + 0.2 * 2
+    for row in rows.values():
+        for key in ("final_fid", "speed_ratio", "wrong_in_right_cluster"):
+            assert row[key]["lo"] <= row[key]["value"] <= row[key]["hi"]
+    md = E.table_markdown({"r": rows}, {"r": 0.25})
+    assert "| iar | 2 | 0.50 [" in md and "by chance: 0.250" in md
+    assert E.summarize({"baseline": {}, "iar": {0: curves["iar"][0]}}) == {}
 
 
 def _tiny_config():
@@ -56,8 +99,10 @@ def _tiny_config():
     c = load_config("configs/repro_fmnist.py")
     c.dataset = "fashion_mnist_embedded"
     c.code_images = 64
+    c.heldout_images = 16
     c.tokenizer.train.update(num_steps=2, global_batch=8, log_every=1, ckpt_every=2)
-    c.cluster_size = 64
+    c.regimes = {"tiny": {"codebook_size": 64, "cluster_size": 16}}
+    c.regime_names = "tiny"
     c.extract_batch = 32
     c.ar.model.update(dim=32, n_layer=1, n_head=2)
     c.ar.train.update(num_steps=4, global_batch=8, log_every=2)
@@ -65,12 +110,13 @@ def _tiny_config():
     c.seeds = 2
     c.eval_every = 2
     c.eval_per_class = 2
+    c.bootstrap = 50
     c.keep_samples = False
     return c
 
 
-def _random_tokenizer(config, tok_dir):
-    """Random tokenizer weights marked as the finished tokenizer stage: training one (the demo's stage,
+def _random_tokenizer(tok_config, tok_dir):
+    """Random tokenizer weights marked as the finished tokenizer stage: training one (the pipeline's stage,
     tested with the demo) or even compiling its init would dominate the test's time."""
     import jax
     import jax.numpy as jnp
@@ -79,8 +125,8 @@ def _random_tokenizer(config, tok_dir):
     from iar_jax.tokenizer.config import model_config_from, model_meta
     from iar_jax.tokenizer.vq_model import build_model
 
-    cfg = model_config_from(config.tokenizer)
-    size = int(config.tokenizer.data.image_size)
+    cfg = model_config_from(tok_config)
+    size = int(tok_config.data.image_size)
     shapes = jax.eval_shape(lambda: build_model(cfg).init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(np.float32), shapes)
@@ -91,34 +137,50 @@ def _random_tokenizer(config, tok_dir):
     pipeline.mark_done(tok_dir, {"steps": 0})
 
 
+def test_regime_config_errors():
+    c = _tiny_config()
+    c.regimes.tiny.cluster_size = 5
+    with pytest.raises(ValueError, match="cluster_size 5 must be >= 2 and divide codebook_size 64"):
+        E.regime_configs(c)
+    c.regime_names = "nope"
+    with pytest.raises(ValueError, match="unknown regime 'nope'"):
+        E.regime_configs(c)
+
+
 @pytest.mark.slow
 def test_tiny_experiment_writes_outputs_and_resumes(tmp_path):
     from iar_jax import runtime
 
-    runtime.enable_compilation_cache()  # as `iar-jax experiment` does: the second seed of an arm reuses compiles
+    runtime.enable_compilation_cache()  # as `iar-jax experiment` does: later runs reuse compiles
     work = str(tmp_path / "exp")
-    _random_tokenizer(_tiny_config(), os.path.join(work, "tokenizer"))
+    tok_cfg, _ = E.regime_configs(_tiny_config())["tiny"]
+    _random_tokenizer(tok_cfg, os.path.join(work, "tiny", "tokenizer"))
     report = E.run(_tiny_config(), work)
     for name in ("curves.png", "table.md", "table.json"):
         assert os.path.getsize(os.path.join(work, name)) > 0
     with open(os.path.join(work, "table.json")) as f:
         saved = json.load(f)
-    assert set(saved["table"]) == {"baseline", "iar"}
-    for arm in ("baseline", "iar"):
-        assert saved["table"][arm]["seeds"] == [0, 1]
+    rows, curves = saved["tables"]["tiny"], saved["curves"]["tiny"]
+    assert set(rows) == {"baseline", "iar", "random"}
+    assert saved["chance"]["tiny"] == pytest.approx(15 / 63)
+    for arm in rows:
+        assert rows[arm]["seeds"] == [0, 1]
         for seed in ("0", "1"):
-            curve = saved["curves"][arm][seed]
-            assert curve["steps"] == [2, 4] and all(np.isfinite(curve["fid"]))
-    # The iar row counts the seeds whose curve gets to the paired baseline's final FID (recounted here).
-    curves = saved["curves"]
-    hits = [any(f <= curves["baseline"][k]["fid"][-1] for f in curves["iar"][k]["fid"]) for k in ("0", "1")]
-    assert saved["table"]["iar"]["paired"] == 2 and saved["table"]["iar"]["reached"] == sum(hits)
-    # The cluster loss is the only difference between the arms: same seed, same init and batches.
-    assert saved["curves"]["iar"]["0"]["fid"] != saved["curves"]["baseline"]["0"]["fid"]
-    with open(os.path.join(work, "runs", "iar_s1", "evals.json")) as f:
+            c = curves[arm][seed]
+            assert c["steps"] == [2, 4] and all(np.isfinite(c["fid"])) and 0.0 <= c["robustness"] <= 1.0
+    # The speed ratio recomputed from the saved curves with the formula: arm mean curve vs baseline's.
+    fid = {a: np.array([curves[a][s]["fid"] for s in ("0", "1")]) for a in rows}
+    want = E.reach_step([2, 4], fid["iar"].mean(0), fid["baseline"].mean(0)[-1]) / 4
+    assert rows["iar"]["speed_ratio"]["value"] == pytest.approx(want)
+    # The random arm trains with a different random permutation per seed; the others with k-means.
+    maps = [np.load(os.path.join(work, "tiny", "random_mappings", f"s{s}.npy")) for s in (0, 1)]
+    assert all(sorted(m.tolist()) == list(range(64)) for m in maps) and not np.array_equal(*maps)
+    # The loss (and for random, the clusters) is the only difference between arms of a seed.
+    assert len({tuple(curves[a]["0"]["fid"]) for a in rows}) == 3
+    with open(os.path.join(work, "tiny", "runs", "iar_s1", "evals.json")) as f:
         evals = json.load(f)
     # Resuming: nothing is retrained or re-evaluated, the same table comes back.
     again = E.run(_tiny_config(), work)
-    with open(os.path.join(work, "runs", "iar_s1", "evals.json")) as f:
+    with open(os.path.join(work, "tiny", "runs", "iar_s1", "evals.json")) as f:
         assert json.load(f) == evals
-    assert again["table"] == report["table"]
+    assert again["tables"] == report["tables"]
