@@ -7,6 +7,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from iar_jax import registry
+
 
 class ConversionError(ValueError):
     """A state dict that does not match the model layout (missing / unexpected / mis-shaped keys)."""
@@ -54,13 +56,7 @@ _KIND_MODULES = {
 
 
 def _kind(name: str) -> Kind:
-    if name not in KINDS and name in _KIND_MODULES:
-        import importlib
-
-        importlib.import_module(_KIND_MODULES[name])
-    if name not in KINDS:
-        raise ConversionError(f"unknown checkpoint kind {name!r}; use one of {sorted(_KIND_MODULES)}")
-    return KINDS[name]
+    return registry.lookup(KINDS, _KIND_MODULES, name, "checkpoint kind", ConversionError)
 
 
 _WRAPPERS = ("model", "module", "state_dict", "ema", "params")

@@ -8,10 +8,11 @@ contain no model-specific code; the benchmarks' cost estimates are in `iar_jax.c
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
+
+from iar_jax import registry
 
 
 @dataclasses.dataclass
@@ -41,11 +42,7 @@ def register(family: Family) -> Family:
 
 
 def get_family(name: str) -> Family:
-    if name not in _FAMILIES and name in _MODULES:
-        importlib.import_module(_MODULES[name])
-    if name not in _FAMILIES:
-        raise ValueError(f"unknown config.model_family {name!r}; use one of {sorted(_MODULES)}")
-    return _FAMILIES[name]
+    return registry.lookup(_FAMILIES, _MODULES, name, "config.model_family")
 
 
 def model_kwargs(model_cfg_cls, section) -> Dict[str, Any]:
