@@ -1,10 +1,11 @@
-"""Small Fashion-MNIST CNN: idx reader, the shipped weights, seeded training."""
+"""Small Fashion-MNIST CNN: idx reader (`data.datasets.read_idx`), the shipped weights, seeded training."""
 import gzip
 import os
 
 import numpy as np
 import pytest
 
+from iar_jax.data.datasets import read_idx
 from iar_jax.evaluation import metrics, small_cnn
 
 
@@ -14,11 +15,15 @@ def test_read_idx_round_trip_and_errors(tmp_path):
     header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
     with gzip.open(p, "wb") as f:
         f.write(header + a.tobytes())
-    np.testing.assert_array_equal(small_cnn.read_idx(str(p)), a)
+    np.testing.assert_array_equal(read_idx(str(p)), a)
     bad = tmp_path / "bad"
-    bad.write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
-    with pytest.raises(ValueError, match="idx"):
-        small_cnn.read_idx(str(bad))
+    bad.write_bytes(b"\x00\x00\x07\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an idx file"):
+        read_idx(str(bad))
+    short = tmp_path / "short"
+    short.write_bytes(header + a.tobytes()[:-1])
+    with pytest.raises(ValueError, match=r"header says \[5, 28, 28\] but holds 3919 values"):
+        read_idx(str(short))
     with pytest.raises(ValueError, match="split"):
         small_cnn.load_fashion_mnist("validation")
 
