@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from iar_jax import checkpointing
+from iar_jax import checkpointing, sharding
 from iar_jax.runtime import NonFiniteLossError, Preempted, Preemption
 
 # What a resume does with the newest checkpoint (config.train.restore): `auto` restores everything
@@ -74,6 +74,14 @@ def batch_iterator(config, source):
     if loader == "numpy":
         return codes.BatchIterator(*args)
     raise ValueError(f"unknown config.data.loader {loader!r}; use grain or numpy (both give the same batches)")
+
+
+def jit_step(fn: Callable, state_shardings, batch_shardings, mesh, extra_args: int = 0) -> Callable:
+    """jit of fn(state, batch, *extra) -> (state, metrics): the state keeps its shardings and is
+    donated, the batch is sharded as given, the extra arguments and the metrics are replicated."""
+    rep = sharding.replicated(mesh)
+    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings) + (rep,) * extra_args,
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
 def raise_if_preempted(trainer, state) -> None:

@@ -140,8 +140,7 @@ class Trainer:
             return state
 
         self._jit_from_params = jax.jit(from_params, out_shardings=self.state_shardings)
-        self._jit_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
-                                 out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+        self._jit_step = train_loop.jit_step(self._train_step, self.state_shardings, self.batch_shardings, self.mesh)
 
     def _ctx(self):
         return sharding.mesh_rules(self.mesh, self.rules)

@@ -386,10 +386,9 @@ class TokenizerTrainer:
     def step_fn(self, stage: int) -> Callable:
         """(state, batch) -> (state, metrics) of `stage`: jitted with the state and batch shardings,
         donating the old state (compiled once per process for equal settings)."""
-        rep = sharding.replicated(self.mesh)
-        fn = self._cached(f"step{stage}", lambda: jax.jit(
-            functools.partial(self._train_step, stage=stage), donate_argnums=(0,),
-            in_shardings=(self.state_shardings, self.batch_shardings, rep), out_shardings=(self.state_shardings, rep)))
+        fn = self._cached(f"step{stage}", lambda: train_loop.jit_step(
+            functools.partial(self._train_step, stage=stage), self.state_shardings, self.batch_shardings, self.mesh,
+            extra_args=1))  # the LPIPS weights
         return lambda state, batch: fn(state, batch, self.lpips_params)
 
     def put_batch(self, host_batch: Dict[str, np.ndarray]):
