@@ -1,29 +1,13 @@
-"""Small Fashion-MNIST CNN: idx reader (`data.datasets.read_idx`), the shipped weights, seeded training."""
-import gzip
+"""Small Fashion-MNIST CNN: the shipped weights, seeded training (its idx files are read by data.datasets)."""
 import os
 
 import numpy as np
 import pytest
 
-from iar_jax.data.datasets import read_idx
 from iar_jax.evaluation import metrics, small_cnn
 
 
-def test_read_idx_round_trip_and_errors(tmp_path):
-    a = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
-    p = tmp_path / "x-idx3-ubyte.gz"
-    header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
-    with gzip.open(p, "wb") as f:
-        f.write(header + a.tobytes())
-    np.testing.assert_array_equal(read_idx(str(p)), a)
-    bad = tmp_path / "bad"
-    bad.write_bytes(b"\x00\x00\x07\x01" + b"\x00" * 8)
-    with pytest.raises(ValueError, match="not an idx file"):
-        read_idx(str(bad))
-    short = tmp_path / "short"
-    short.write_bytes(header + a.tobytes()[:-1])
-    with pytest.raises(ValueError, match=r"header says \[5, 28, 28\] but holds 3919 values"):
-        read_idx(str(short))
+def test_unknown_split():
     with pytest.raises(ValueError, match="split"):
         small_cnn.load_fashion_mnist("validation")
 
