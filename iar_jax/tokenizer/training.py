@@ -531,7 +531,12 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
 
 def _evaluate_run(config, workdir, trainer, state, eval_images, step):
     mode = "dual" if trainer.model_cfg.dual else None
-    results, recon = evaluate(trainer.model, jax.device_get(state["params"]), eval_images, mode=mode)
+    params = state["params"]
+    if jax.process_count() > 1:  # FSDP shards may live on other hosts
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    results, recon = evaluate(trainer.model, jax.device_get(params), eval_images, mode=mode)
     if workdir and jax.process_index() == 0:
         from iar_jax.evaluation import reconstruction
 
