@@ -48,7 +48,7 @@ def main():
         cpu0 = time.process_time()
 
         def log(step, m, v=v, t0=t0):
-            keys = ("loss", "rec_loss", "usage", "usage2", "steps_per_sec")
+            keys = ("loss", "rec_loss", "usage", "usage2")
             print(f"  {v} step {step}: " + ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)
                   + f" ({time.time() - t0:.0f}s)", flush=True)
 

@@ -19,7 +19,7 @@ common.add_repo_to_path()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from iar_jax import costs, runtime, trainer as trainer_lib  # noqa: E402
+from iar_jax import costs, runtime, train_loop, trainer as trainer_lib  # noqa: E402
 from iar_jax.config_lib import load_config  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main():
     tr = trainer_lib.Trainer(config)
     state = tr.init_state(0)
     src = trainer_lib.make_source(config, tr.spec)
-    it = trainer_lib._data_iterator(config, src)
+    it = train_loop.batch_iterator(config, src)
     batch = tr.put_batch(next(it))
     t0 = time.perf_counter()
     state, metrics = tr.step(state, batch)

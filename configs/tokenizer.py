@@ -48,9 +48,10 @@ def get_config(arg: str = "vq16"):
     c.recipe = ml_collections.ConfigDict(dict(stage1_steps=0, dual_iters=2, semantic_iters=1, usage_window=65536))
     c.data = ml_collections.ConfigDict(dict(
         name="image_folder", path="", eval_path="", split="train", eval_split="val", image_size=256, flip=True,
-        eval_images=1000,
+        eval_images=1000, num_workers=2,  # grain read threads prefetching batches (0: read in the loop)
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=()))
+    # Params and optimizer state: each array's largest fitting axis is 'embed', split over fsdp.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=(("embed", "fsdp"),)))
     c.train = ml_collections.ConfigDict(dict(
         global_batch=128, num_steps=400_000,  # ~40 ImageNet epochs at batch 128 (LlamaGen)
         seed=0, log_every=100, ckpt_every=5000, keep_ckpts=3, num_grid_images=16,

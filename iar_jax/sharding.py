@@ -67,6 +67,25 @@ def logical_shardings(abstract_boxed, mesh: Mesh, mesh_cfg):
     return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
 
 
+def shape_logical_shardings(abstract_tree, mesh: Mesh, axis_rules):
+    """NamedShardings for a tree without logical names (e.g. the tokenizer's): each >= 2-D leaf calls
+    its largest axis that the mesh axes of the 'embed' rule divide 'embed' (FSDP under rules that map
+    it to fsdp); everything else is replicated. Equal shapes get equal shardings, so optimizer
+    moments follow their params."""
+    target = dict(axis_rules).get("embed")
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 0
+
+    def one(x):
+        names = [None] * x.ndim
+        fits = [i for i in range(x.ndim) if n and x.ndim >= 2 and x.shape[i] % n == 0]
+        if fits:
+            names[max(fits, key=lambda i: x.shape[i])] = "embed"
+        return nn.logical_to_mesh_sharding(P(*names), mesh, axis_rules)
+
+    return jax.tree_util.tree_map(one, abstract_tree)
+
+
 def batch_sharding(mesh: Mesh, ndim_extra: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * ndim_extra)))
 

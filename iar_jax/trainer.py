@@ -2,15 +2,12 @@
 
 State is a plain dict {step, params, opt_state, rng[, ema_params]} created already sharded by
 `jax.jit(init, out_shardings=...)`; the update step is jitted with explicit shardings and donates
-the old state. Gradient accumulation is a `lax.scan` over micro-batches. The run resumes from the
-newest valid checkpoint in its workdir, saves every `ckpt_every` steps, on SIGTERM and at the
-end, and stops with a clear error on a non-finite loss without saving the bad state.
+the old state. Gradient accumulation is a `lax.scan` over micro-batches. `train_and_evaluate` runs it
+through the shared loop of `train_loop` (resume, checkpoints, logging, NaN guard, SIGTERM).
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
@@ -19,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from iar_jax import checkpointing, sharding
+from iar_jax import checkpointing, sharding, train_loop
 from iar_jax.models.families import Family, get_family
-from iar_jax.runtime import NonFiniteLossError, Preemption
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,8 +140,7 @@ class Trainer:
             return state
 
         self._jit_from_params = jax.jit(from_params, out_shardings=self.state_shardings)
-        self._jit_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
-                                 out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+        self._jit_step = train_loop.jit_step(self._train_step, self.state_shardings, self.batch_shardings, self.mesh)
 
     def _ctx(self):
         return sharding.mesh_rules(self.mesh, self.rules)
@@ -262,137 +257,19 @@ def make_source(config, spec):
 # Loop
 
 
-# What a resume does with the newest checkpoint (config.train.restore): `auto` restores everything
-# (a different state tree is an error); `params_only` does so too when it can, else keeps the
-# params (and EMA) and step and re-initialises the rest (e.g. after changing ema_decay or the
-# optimizer); `start_over` trains from scratch when every checkpoint is unreadable.
-RESTORE_MODES = ("auto", "params_only", "start_over")
-
-
 def train_and_evaluate(config, workdir: str, source=None, devices=None, num_steps: Optional[int] = None,
                        log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None,
                        step_fn: Optional[Callable[[int, Dict[str, Any]], None]] = None):
-    """Trains (resuming from `workdir`) until config.train.num_steps; returns (trainer, state);
-    `trainer.preempted` tells a run stopped by SIGTERM (after saving) from a finished one.
-    `log_fn(step, mean_metrics)` is also called at every log interval (e.g. a progress bar),
-    `step_fn(step, device_metrics)` after every step (reading a metric waits for that step)."""
-    mode = config.train.get("restore", "auto")
-    if mode not in RESTORE_MODES:
-        raise ValueError(f"config.train.restore={mode!r}; use one of {', '.join(RESTORE_MODES)}")
-    with checkpointing.WorkdirLock(workdir):  # before any compile: a second trainer on this workdir fails at once
-        return _train_locked(config, workdir, mode, source, devices, num_steps, log_fn, step_fn)
-
-
-def _train_locked(config, workdir, mode, source, devices, num_steps, log_fn, step_fn):
-    from clu import metric_writers, parameter_overview, periodic_actions
-
-    trainer = Trainer(config, devices)
-    trainer.preempted = False
-    total = int(num_steps or config.train.num_steps)
-    source = source if source is not None else make_source(config, trainer.spec)
-    it = _data_iterator(config, source)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_ckpts))
-    meta = {"kind": "train_state", "model_family": config.model_family, "model": structural_model_meta(config)}
-    try:
-        restored = ckpt.restore_latest(
-            trainer.abstract_sharded_state(), expect_meta=meta, start_over=mode == "start_over",
-            fix="resume with the config it was saved with, or add --config.train.restore=params_only to keep its "
-                "params and step and re-initialise the rest")
-    except checkpointing.IncompatibleCheckpointError as e:
-        if mode != "params_only":
-            raise
-        restored = (trainer.state_from_params(ckpt, e.step), None, None, e.step)
-    if restored is None:
-        state, start = trainer.init_state(int(config.train.seed)), 0
-        logging.info("no checkpoint in %s: starting from scratch", workdir)
-    else:
-        state, data_state, _, start = restored
-        if data_state is None:  # params_only: the data stream continues at the step, as a resume would
-            it.seek(start)
-            logging.warning("restored only the params of step %d in %s (restore=params_only); optimizer state and "
-                            "rng re-initialised", start, workdir)
-        else:
-            it.restore(data_state)
-        logging.info("resumed from step %d in %s", start, workdir)
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    if start == 0 and jax.process_index() == 0:
-        parameter_overview.log_parameter_overview(state["params"])
-        writer.write_hparams({k: v for k, v in _flatten_cfg(config).items()})
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_secs=60)]
-    log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
-    pending = []
-    last_saved = start if restored is not None else None
-
-    def flush():
-        if not pending:
-            return
-        rows = jax.device_get([m for _, m in pending])
-        for (s, _), row in zip(pending, rows):
-            bad = [f"{k} {row[k]}" for k in ("loss", "grad_norm") if not np.isfinite(row[k])]
-            if bad:
-                where = f"step {last_saved} in {ckpt.directory}" if last_saved is not None else "none saved yet"
-                raise NonFiniteLossError(
-                    f"non-finite {' and '.join(bad)} at step {s} (loss {row['loss']:.4g}, grad norm "
-                    f"{row['grad_norm']:.4g}); stopped without saving it (last good checkpoint: {where}); "
-                    "lower optim.lr or check the data")
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        writer.write_scalars(pending[-1][0], mean)
-        if log_fn is not None:
-            log_fn(pending[-1][0], mean)
-        pending.clear()
-
-    def save(step, force=False):
-        nonlocal last_saved
-        flush()
-        ckpt.save(step, state, it.state(), meta, force=force)
-        last_saved = step
-
-    try:
-        with Preemption(log_every) as preempt:
-            step = start
-            while step < total:
-                batch = trainer.put_batch(next(it))
-                state, metrics = trainer.step(state, batch)
-                step += 1
-                pending.append((step, metrics))
-                for h in hooks:
-                    h(step)
-                if step_fn is not None:
-                    step_fn(step, metrics)
-                if step % log_every == 0 or step == total:
-                    flush()
-                if step % ckpt_every == 0 or step == total:
-                    save(step)
-                if preempt.any_host(step):
-                    if last_saved != step:
-                        save(step, force=True)
-                    trainer.preempted = True
-                    break
-    finally:  # also on errors: let the last good (async) save land
-        ckpt.close()
-        writer.flush()
-    return trainer, state
-
-
-def _data_iterator(config, source):
-    from iar_jax.data import codes
-
-    d = config.data
-    args = (source, int(config.train.global_batch), int(config.train.seed), jax.process_index(), jax.process_count())
-    loader = d.get("loader", "grain")
-    if loader == "grain":
-        return codes.GrainBatchIterator(*args, num_threads=int(d.get("num_workers", 0)))
-    if loader == "numpy":
-        return codes.BatchIterator(*args)
-    raise ValueError(f"unknown config.data.loader {loader!r}; use grain or numpy (both give the same batches)")
-
-
-def _flatten_cfg(config, prefix=""):
-    out = {}
-    for k, v in config.items():
-        if hasattr(v, "items"):
-            out.update(_flatten_cfg(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[f"{prefix}{k}"] = v
-    return out
+    """Trains (resuming from `workdir`) until config.train.num_steps through `train_loop.run`;
+    returns (trainer, state); `trainer.preempted` tells a run stopped by SIGTERM (after saving) from
+    a finished one. `log_fn` / `step_fn` as in `train_loop.run`."""
+    with train_loop.locked(config, workdir):
+        trainer = Trainer(config, devices)
+        source = source if source is not None else make_source(config, trainer.spec)
+        meta = {"kind": "train_state", "model_family": config.model_family, "model": structural_model_meta(config)}
+        result = train_loop.run(
+            config, workdir, [train_loop.Phase(0, trainer.step)], lambda: trainer.init_state(int(config.train.seed)),
+            trainer.abstract_sharded_state(), train_loop.batch_iterator(config, source), trainer.put_batch, meta,
+            num_steps, log_fn, step_fn, from_params=trainer.state_from_params)
+    trainer.preempted = result.preempted
+    return trainer, result.state

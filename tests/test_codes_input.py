@@ -97,11 +97,11 @@ def test_grain_and_numpy_loaders_agree_and_share_saved_positions():
 def test_unknown_loader_is_a_config_error():
     import ml_collections
 
-    from iar_jax import trainer
+    from iar_jax import train_loop
 
     cfg = ml_collections.ConfigDict({"data": {"loader": "tf"}, "train": {"global_batch": 2, "seed": 0}})
     with pytest.raises(ValueError, match="unknown config.data.loader 'tf'; use grain or numpy"):
-        trainer._data_iterator(cfg, _source())
+        train_loop.batch_iterator(cfg, _source())
 
 
 def test_load_codes_errors(tmp_path):

@@ -96,6 +96,15 @@ def test_idx_reader_and_missing_fashion_mnist(tmp_path):
     np.testing.assert_array_equal(ds.labels, labels)
     with pytest.raises(ValueError, match="dataset-fashion-mnist"):
         datasets.load_dataset("fashion_mnist", "train", path=str(tmp_path))
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x00\x00\x07\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an idx file"):
+        datasets.read_idx(str(bad))
+    short = tmp_path / "short"
+    short.write_bytes(bytes([0, 0, 8, 3]) + b"".join(int(s).to_bytes(4, "big") for s in images.shape)
+                      + images.tobytes()[:-1])
+    with pytest.raises(ValueError, match=r"header says \[5, 28, 28\] but holds 3919 values"):
+        datasets.read_idx(str(short))
 
 
 def test_digits_npz_and_label_errors(tmp_path):

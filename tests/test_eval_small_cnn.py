@@ -1,5 +1,4 @@
-"""Small Fashion-MNIST CNN: idx reader, the shipped weights, seeded training."""
-import gzip
+"""Small Fashion-MNIST CNN: the shipped weights, seeded training (its idx files are read by data.datasets)."""
 import os
 
 import numpy as np
@@ -8,17 +7,7 @@ import pytest
 from iar_jax.evaluation import metrics, small_cnn
 
 
-def test_read_idx_round_trip_and_errors(tmp_path):
-    a = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
-    p = tmp_path / "x-idx3-ubyte.gz"
-    header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
-    with gzip.open(p, "wb") as f:
-        f.write(header + a.tobytes())
-    np.testing.assert_array_equal(small_cnn.read_idx(str(p)), a)
-    bad = tmp_path / "bad"
-    bad.write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
-    with pytest.raises(ValueError, match="idx"):
-        small_cnn.read_idx(str(bad))
+def test_unknown_split():
     with pytest.raises(ValueError, match="split"):
         small_cnn.load_fashion_mnist("validation")
 

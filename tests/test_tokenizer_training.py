@@ -11,8 +11,8 @@ import optax
 from iar_jax.config_lib import load_config
 from iar_jax.tokenizer import VQConfig
 from iar_jax.tokenizer import discriminator as D
-from iar_jax.tokenizer.training import (LossConfig, RecipeConfig, TokenizerTrainer, gated,
-                                        semantic_iteration, torch_clip, train_and_evaluate)
+from iar_jax.tokenizer.config import LossConfig, RecipeConfig
+from iar_jax.tokenizer.training import TokenizerTrainer, gated, semantic_iteration, torch_clip, train_and_evaluate
 
 DUAL = VQConfig(codebook_size=24, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2), z_channels=16, ch=8,
                 num_res_blocks=1, norm_groups=4, dual=True, semantic_codebook_size=16)
@@ -87,13 +87,9 @@ def schedule_run():
     """2 stage-1 steps then 6 stage-2 steps, snapshotting the parameter groups after each."""
     from iar_jax.tokenizer.training import build_trainer
 
-    from iar_jax import sharding
-
-    c = _config()
-    mesh = sharding.make_mesh(c.mesh, DEVICES)  # as in train_and_evaluate below: compiled steps are reused
-    trainer = build_trainer(c, mesh)
-    state = jax.device_put(trainer.init_state(jax.random.key(0), (16, 16, 3)), sharding.replicated(mesh))
-    images = sharding.host_local_to_global(IMAGES[:8], mesh)
+    trainer = build_trainer(_config(), DEVICES)  # as in train_and_evaluate below: compiled steps are reused
+    state = trainer.init_state(0)
+    batch = trainer.put_batch({"images": IMAGES[:8]})
     get = lambda st: jax.tree_util.tree_map(np.array, {
         "sem": st["params"]["quantize"]["embedding"], "det": st["params"]["quantize"]["embedding_second"],
         "enc": st["params"]["encoder"]["conv_in"]["kernel"], "disc": st["disc_params"]["main_0"]["kernel"]})
@@ -101,7 +97,7 @@ def schedule_run():
     for step in range(8):
         if step == 2:
             state = trainer.reset_for_stage2(state)
-        state, m = trainer.train_step(state, images, jax.random.key(step))
+        state, m = trainer.step_fn(trainer.stage_of(step))(state, batch)
         snaps.append(get(state))
         metrics.append(jax.device_get(m))
     return snaps, metrics
@@ -163,16 +159,66 @@ def test_sigterm_saves_and_resumes(tmp_path, schedule_run):
     assert int(state["step"]) == 4
 
 
+def test_eight_devices_match_one_device(schedule_run):
+    """Stage 1, the stage switch and stage 2 on a data 2 x fsdp 4 mesh give the one-device losses."""
+    rows = {}
+    for name, devices, mesh in (("one", DEVICES, {}), ("eight", jax.devices(), dict(data=2, fsdp=4))):
+        c = _config()
+        c.mesh.update(mesh)
+        c.train.log_every = 1
+        rows[name] = []
+        trainer, state, _ = train_and_evaluate(c, None, images=IMAGES, num_steps=3, devices=devices,
+                                               log_fn=lambda s, m, r=rows[name]: r.append(m))
+    assert jax.device_count() == 8 and len(rows["one"]) == 3
+    for a, b in zip(rows["one"], rows["eight"]):
+        for k in ("loss", "rec_loss", "disc_loss", "grad_norm"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5)
+    from jax.sharding import PartitionSpec as P
+
+    kernel = state["params"]["encoder"]["conv_in"]["kernel"]  # [3, 3, 3, 8]: its 8 channels split 4 ways
+    assert kernel.shape == (3, 3, 3, 8) and kernel.sharding.spec == P(None, None, None, "fsdp")
+    moments = [x for x in jax.tree_util.tree_leaves(state["opt_state"]) if x.shape == kernel.shape]
+    assert len(moments) >= 2 and all(x.sharding.spec == kernel.sharding.spec for x in moments)  # Adam mu, nu
+
+
+def test_image_input_is_seeded_and_resumable(tmp_path):
+    from PIL import Image
+
+    from iar_jax import train_loop
+    from iar_jax.tokenizer import data as data_lib
+
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "sub")
+    for i in range(5):  # a flat folder with one subfolder, images of several sizes
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(
+            tmp_path / ("sub" if i == 4 else "") / f"{i}.png")
+    c = _config()
+    c.train.global_batch = 4
+    folder = data_lib.ImageSource(data_lib.training_data("image_folder", "train", str(tmp_path), 3), 16, 3)
+    assert len(folder) == 5 and folder.num_aug > 2
+    first = [next(it)["images"] for it in [train_loop.batch_iterator(c, folder)] for _ in range(3)]
+    assert first[0].shape == (4, 16, 16, 3) and first[0].dtype == np.float32 and np.abs(first[0]).max() <= 1
+    again = train_loop.batch_iterator(c, folder)
+    again.restore({"step": 1})
+    np.testing.assert_array_equal(next(again)["images"], first[1])
+    c.data.loader = "numpy"  # the unthreaded reader gives the same batches
+    np.testing.assert_array_equal(next(train_loop.batch_iterator(c, folder))["images"], first[0])
+    # Arrays: aug 1 is a horizontal flip.
+    arrays = data_lib.ImageSource(IMAGES, 16, 3)
+    got = arrays.get(np.array([3, 5]), np.array([0, 1]))["images"]
+    np.testing.assert_array_equal(got, np.stack([IMAGES[3], IMAGES[5][:, ::-1]]))
+
+
 def test_nan_guard_and_config_errors(tmp_path, schedule_run):
     bad = IMAGES.copy()
     bad[:] = np.nan
-    with pytest.raises(FloatingPointError, match="non-finite tokenizer loss .* step 1"):
+    with pytest.raises(FloatingPointError, match="non-finite loss nan and grad_norm nan at step 1.*none saved yet"):
         train_and_evaluate(_config(), str(tmp_path / "nan"), images=bad, num_steps=2, devices=DEVICES)
     assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "2")
     with pytest.raises(ValueError, match="LPIPS is on .*perceptual_weight=0"):
         TokenizerTrainer(DUAL, LossConfig(perceptual_weight=1.0))
     with pytest.raises(ValueError, match="too small for the PatchGAN"):
-        TokenizerTrainer(DUAL, LossConfig(perceptual_weight=0.0)).init_state(jax.random.key(0), (8, 8, 3))
+        TokenizerTrainer(DUAL, LossConfig(perceptual_weight=0.0), image_shape=(8, 8, 3))
     cfg = load_config("configs/tokenizer.py:tiny")
     cfg.loss.perceptual_weight = 1.0
     cfg.loss.lpips_vgg_path = str(tmp_path / "vgg16.pth")

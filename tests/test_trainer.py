@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_iar_config
-from iar_jax import checkpointing, trainer as trainer_lib
+from iar_jax import checkpointing, runtime, trainer as trainer_lib
 from iar_jax.data import codes as codes_lib
 
 
@@ -113,7 +113,7 @@ def test_injected_nan_stops_and_keeps_last_checkpoint(tmp_path):
     it = codes_lib.BatchIterator(src, cfg.train.global_batch, cfg.train.seed)
     poison_idx, _ = it.indices(4)  # the 5th step (step number 5) sees label 9
     src.arrays["labels"][poison_idx[0]] = 9
-    with pytest.raises(trainer_lib.NonFiniteLossError, match="non-finite loss .* at step 5.*last good checkpoint: step 4"):
+    with pytest.raises(runtime.NonFiniteLossError, match="non-finite loss .* at step 5.*last good checkpoint: step 4"):
         trainer_lib.train_and_evaluate(cfg, str(tmp_path), source=src, devices=jax.devices()[:1])
     assert checkpointing.Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps() == [2, 4]
 

@@ -66,7 +66,7 @@ def main(argv):
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     check_inputs(config, workdir)
-    from iar_jax import trainer
+    from iar_jax import train_loop, trainer
     from iar_jax.models.families import get_family
 
     def source():
@@ -95,9 +95,7 @@ def main(argv):
         tr, state = trainer.train_and_evaluate(config, workdir, source=src, log_fn=on_log, step_fn=on_step)
     finally:
         close()
-    if tr.preempted:
-        raise runtime.Preempted(f"stopped by SIGTERM at step {int(state['step'])} after saving it; run the same "
-                                "command again to resume")
+    train_loop.raise_if_preempted(tr, state)
     step = int(jax.device_get(state["step"]))
     if main_process and step == total:
         print(f"trained to step {step}: {workdir}")

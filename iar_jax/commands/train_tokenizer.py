@@ -41,6 +41,7 @@ def main(argv):
     runtime.setup()
     import jax
 
+    from iar_jax import train_loop
     from iar_jax.tokenizer import training
 
     n_eval = int(config.data.eval_images)
@@ -55,9 +56,7 @@ def main(argv):
                                                          step_fn=on_step)
     finally:
         close()
-    if tr.preempted:
-        raise runtime.Preempted(f"stopped by SIGTERM at step {int(state['step'])} after saving it; run the same "
-                                "command again to resume")
+    train_loop.raise_if_preempted(tr, state)
     if results and main_process:
         print(f"evaluation ({workdir}/eval.json): "
               + ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in results.items()))

@@ -78,7 +78,10 @@ def read_idx(path: str) -> np.ndarray:
         raise ValueError(f"{path} is not an idx file (bad magic); pass the Fashion-MNIST *-idx?-ubyte.gz files")
     dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[data[2]]
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(data[3]))
-    return np.frombuffer(data, dtype, offset=4 + 4 * data[3]).reshape(shape)
+    arr = np.frombuffer(data, dtype, offset=4 + 4 * data[3])
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: idx header says {list(shape)} but holds {arr.size} values; the file is truncated")
+    return arr.reshape(shape)
 
 
 def _split(split: str) -> str:

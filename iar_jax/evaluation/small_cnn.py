@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import os
 from typing import Any, Mapping
 
@@ -64,21 +63,6 @@ class SmallCNN(nn.Module):
 # Data: the Debian package dataset-fashion-mnist (idx gz files).
 # ------------------------------------------------------------------------------------------------
 
-def read_idx(path: str) -> np.ndarray:
-    """Read an idx(.gz) file (the MNIST container: magic 0x0000 0x08 ndim, big-endian dims, uint8)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path}: not a uint8 idx file")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: idx header says {dims} but holds {arr.size} values")
-    return arr.reshape(dims)
-
-
 def load_fashion_mnist(split: str, data_dir: str = FMNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 28, 28, 1), labels int32 (N,)) for split 'train' (60k) or 'test' (10k)."""
     prefix = {"train": "train", "test": "t10k"}.get(split)
@@ -89,6 +73,8 @@ def load_fashion_mnist(split: str, data_dir: str = FMNIST_DIR) -> tuple[np.ndarr
     if not (os.path.exists(img) and os.path.exists(lab)):
         raise ValueError(f"Fashion-MNIST not found in {data_dir}; install it with "
                          "`apt-get install -y dataset-fashion-mnist` or pass data_dir=")
+    from iar_jax.data.datasets import read_idx
+
     return read_idx(img)[..., None], read_idx(lab).astype(np.int32)
 
 

@@ -1,10 +1,50 @@
-"""configs/tokenizer.py ConfigDict -> the small dataclasses the tokenizer modules take."""
+"""The tokenizer's settings dataclasses and configs/tokenizer.py ConfigDict -> those dataclasses."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Dict, Type
 
+from iar_jax.tokenizer import discriminator as disc_lib
 from iar_jax.tokenizer.vq_model import VQConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    reconstruction_loss: str = "l2"  # l2 | l1
+    reconstruction_weight: float = 1.0
+    perceptual_weight: float = 1.0  # LPIPS; 0 switches it off
+    disc_weight: float = 0.5  # 0 switches the discriminator off entirely
+    disc_start: int = 20000
+    disc_loss: str = "hinge"  # hinge | vanilla
+    gen_loss: str = "hinge"  # hinge | non-saturating
+    disc_dim: int = 64
+    disc_num_layers: int = 3
+    stage1_reconstruction_weight: float = 0.0  # IAR2 stage 1: no pixel loss in the reference
+
+    def validate(self) -> "LossConfig":
+        if self.reconstruction_loss not in ("l1", "l2"):
+            raise ValueError(f"loss.reconstruction_loss {self.reconstruction_loss!r} is not supported; use 'l2' or 'l1'")
+        if self.disc_loss not in disc_lib.D_LOSSES:
+            raise ValueError(f"loss.disc_loss {self.disc_loss!r} is not supported; use one of {sorted(disc_lib.D_LOSSES)}")
+        if self.gen_loss not in disc_lib.G_LOSSES:
+            raise ValueError(f"loss.gen_loss {self.gen_loss!r} is not supported; use one of {sorted(disc_lib.G_LOSSES)}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    stage1_steps: int = 0  # IAR2 only: semantic-only steps before the dual stage
+    dual_iters: int = 2  # stage-2 cycle: this many dual iterations ...
+    semantic_iters: int = 1  # ... then this many semantic (C_S-updating) iterations
+    usage_window: int = 65536  # codes remembered for the usage metric (reference buffer length)
 
 
 def _fields(cls: Type, section, where: str, skip=()) -> Dict[str, Any]:
@@ -21,21 +61,15 @@ def model_config_from(config) -> VQConfig:
     return VQConfig(**_fields(VQConfig, section, "model")).validate()
 
 
-def loss_config_from(config):
-    from iar_jax.tokenizer.training import LossConfig
-
+def loss_config_from(config) -> LossConfig:
     return LossConfig(**_fields(LossConfig, config.loss, "loss", skip=("lpips_vgg_path", "lpips_lin_path"))).validate()
 
 
-def optim_config_from(config):
-    from iar_jax.tokenizer.training import OptimConfig
-
+def optim_config_from(config) -> OptimConfig:
     return OptimConfig(**_fields(OptimConfig, config.optim, "optim"))
 
 
-def recipe_from(config):
-    from iar_jax.tokenizer.training import RecipeConfig
-
+def recipe_from(config) -> RecipeConfig:
     return RecipeConfig(**_fields(RecipeConfig, config.recipe, "recipe"))
 
 

@@ -3,13 +3,14 @@
 Sources (all offline): the labelled datasets of `iar_jax.data.datasets` held in memory
 (`fashion_mnist_embedded`: the subset shipped with the package, `fashion_mnist`: the Debian
 `dataset-fashion-mnist` idx files, `digits`: scikit-learn's 8×8 digits), `npz` (an `images` uint8
-[N, H, W, C] array), and `image_folder` (e.g. ImageNet `train/<class>/*.JPEG`) streamed with LlamaGen's
-random-crop + flip augmentation (`FolderBatches`).
+[N, H, W, C] array), and `image_folder` (`ImageFiles`: e.g. ImageNet `train/<class>/*.JPEG` or a flat
+folder) decoded while training with LlamaGen's random-crop + flip augmentation.
 Images are returned as float32 [N, H, W, C] in [-1, 1]; grayscale is repeated to `channels`;
 images smaller than `image_size` are padded with the background value (-1) evenly on each side.
 
-Batches are a pure function of (seed, step): resuming at step s gives exactly the batches an
-uninterrupted run would have seen (random horizontal flips included).
+Training batches come from `ImageSource` through grain (`train_loop.batch_iterator`): a pure
+function of (seed, step), so resuming at step s gives exactly the batches an uninterrupted run
+would have seen (random flips and crops included).
 """
 from __future__ import annotations
 
@@ -44,12 +45,7 @@ def load_images(name: str, split: str, channels: int, image_size: Optional[int],
                 limit: Optional[int] = None) -> np.ndarray:
     """float32 [N, S, S, C] in [-1, 1] for one of the in-memory sources."""
     if name == "npz":  # images only; labelled datasets go through iar_jax.data.datasets
-        if not path or not os.path.exists(path):
-            raise ValueError(f"data.path {path!r} does not exist; point it at an .npz with an 'images' array")
-        with np.load(path) as f:
-            if "images" not in f.files:
-                raise ValueError(f"data.path {path} has arrays {f.files}; it needs 'images' (uint8 [N, H, W(, C)])")
-            x = f["images"]
+        x = _npz_images(path)
     elif name in IN_MEMORY:
         from iar_jax.data import datasets
 
@@ -60,38 +56,6 @@ def load_images(name: str, split: str, channels: int, image_size: Optional[int],
     if limit:
         x = x[:limit]
     return to_model_range(x, channels, image_size)
-
-
-class ArrayBatches:
-    """Deterministic shuffled batches over an in-memory array: `batch(step)` depends on (seed, step) only."""
-
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int = 0, flip: bool = True):
-        if len(images) < batch_size:
-            raise ValueError(f"dataset has {len(images)} images, fewer than batch_size={batch_size}; lower the batch size")
-        self.images, self.batch_size, self.seed, self.flip = images, batch_size, seed, flip
-        self.per_epoch = len(images) // batch_size
-        self._perm_epoch, self._perm = -1, None
-
-    def _indices(self, step: int):
-        epoch, i = divmod(int(step), self.per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_images)
-            self._perm_epoch = epoch
-        return epoch, i, self._perm[i * self.batch_size:(i + 1) * self.batch_size]
-
-    @property
-    def num_images(self) -> int:
-        return len(self.images)
-
-    def batch(self, step: int, lo: int = 0, hi: Optional[int] = None) -> np.ndarray:
-        """Rows [lo, hi) of global batch `step` (a host loads only its own slice)."""
-        epoch, i, idx = self._indices(step)
-        hi = self.batch_size if hi is None else hi
-        x = self.images[idx[lo:hi]]
-        if self.flip:
-            f = (np.random.default_rng((self.seed, epoch, i, 1)).random(self.batch_size) < 0.5)[lo:hi]
-            x = np.where(f[:, None, None, None], x[:, :, ::-1], x)
-        return x
 
 
 def random_crop(image, image_size: int, rng: np.random.Generator, min_crop_frac: float = 0.8,
@@ -114,67 +78,102 @@ def random_crop(image, image_size: int, rng: np.random.Generator, min_crop_frac:
     return arr[y:y + image_size, x:x + image_size]
 
 
-class FolderBatches(ArrayBatches):
-    """Streams an image folder (ImageNet layout `root/<class>/*.JPEG` or flat), LlamaGen augmentation:
-    random crop (`random_crop`) + horizontal flip; deterministic in (seed, step) like ArrayBatches."""
+class ImageFiles:
+    """The images under `root` (recursively: ImageNet `root/<class>/*.JPEG` or a flat folder; sorted),
+    decoded lazily: `ds[i] -> (PIL image, 0)` like the sources of `iar_jax.data.datasets`."""
 
-    EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+    def __init__(self, root: str, channels: int = 3):
+        from iar_jax.data.datasets import IMG_EXTENSIONS
 
-    def __init__(self, root: str, image_size: int, batch_size: int, seed: int = 0, flip: bool = True,
-                 workers: int = 16, channels: int = 3):
         if not root or not os.path.isdir(root):
             raise ValueError(f"data.path {root!r} is not a folder of images; set --config.data.path")
-        self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs
-                            if f.lower().endswith(self.EXTS))
-        if len(self.files) < batch_size:
-            raise ValueError(f"{root} has {len(self.files)} images, fewer than batch_size={batch_size}")
-        self.image_size, self.batch_size, self.seed, self.flip = image_size, batch_size, seed, flip
-        self.channels, self.workers = channels, workers
-        self.per_epoch = len(self.files) // batch_size
-        self._perm_epoch, self._perm = -1, None
+        self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(root, followlinks=True) for f in fs
+                            if f.lower().endswith(IMG_EXTENSIONS))
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root!r}; point it at a folder of images")
+        self.mode, self.name = "RGB" if channels == 3 else "L", f"images:{root}"
 
-    @property
-    def num_images(self) -> int:
+    def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, args):
+    def __getitem__(self, i):
         from iar_jax.data.datasets import decode_image
 
-        path, key = args
-        rng = np.random.default_rng(key)
-        arr = random_crop(decode_image(path, "RGB" if self.channels == 3 else "L"), self.image_size, rng)
-        if self.flip and rng.random() < 0.5:
-            arr = arr[:, ::-1]
-        return arr
+        return decode_image(self.files[i], self.mode), 0
 
-    def batch(self, step: int, lo: int = 0, hi: Optional[int] = None) -> np.ndarray:
-        from concurrent.futures import ThreadPoolExecutor
 
-        epoch, i, idx = self._indices(step)
-        hi = self.batch_size if hi is None else hi
-        jobs = [(self.files[j], (self.seed, epoch, int(j))) for j in idx[lo:hi]]
-        with ThreadPoolExecutor(self.workers) as pool:
-            arrs = list(pool.map(self._load, jobs))
-        return to_model_range(np.stack(arrs), self.channels)
+class ImageSource:
+    """Training images for `iar_jax.data.codes`' batch stream (`train_loop.batch_iterator`):
+    `get(idx, aug)` -> {"images": float32 [n, S, S, C] in [-1, 1]}.
+
+    `data` is a float array already in [-1, 1], an `ArrayDataset` (uint8, converted per batch) or a
+    lazily decoded source (`ImageFiles`) that gets LlamaGen's random crop. `aug` is the seeded
+    per-image, per-epoch value the stream draws: it is the flip bit of arrays and seeds the crop and
+    flip of decoded images, so batches depend only on (seed, step) on any number of devices."""
+
+    def __init__(self, data, image_size: int, channels: int, flip: bool = True):
+        self.data, self.image_size, self.channels, self.flip = data, int(image_size), int(channels), bool(flip)
+        self.lazy = not isinstance(data, np.ndarray) and not hasattr(data, "images")
+        if not len(self):
+            raise ValueError("the tokenizer's training data has no images; point data.name / data.path at some")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def num_aug(self) -> int:
+        return 2 ** 31 if self.lazy else (2 if self.flip else 1)
+
+    def get(self, idx: np.ndarray, aug: Optional[np.ndarray] = None):
+        if self.lazy:
+            out = []
+            for i, a in zip(idx, aug):
+                rng = np.random.default_rng(int(a))
+                arr = random_crop(self.data[int(i)][0], self.image_size, rng)
+                out.append(arr[:, ::-1] if self.flip and rng.random() < 0.5 else arr)
+            return {"images": to_model_range(np.stack(out), self.channels)}
+        if isinstance(self.data, np.ndarray):
+            x = self.data[idx]
+        else:
+            x = to_model_range(self.data.images[idx], self.channels, self.image_size)
+        if aug is not None:
+            x = np.where((aug == 1)[:, None, None, None], x[:, :, ::-1], x)
+        return {"images": np.ascontiguousarray(x, np.float32)}
+
+
+def training_data(name: str, split: str, path: Optional[str], channels: int):
+    """The training images of `data.name` for `ImageSource`: a dataset of `iar_jax.data.datasets`,
+    an images-only npz, or an `ImageFiles` folder."""
+    from iar_jax.data import datasets
+
+    if name == "image_folder":
+        return ImageFiles(path, channels)
+    if name == "npz":
+        x = _npz_images(path)
+        return datasets.ArrayDataset(x, np.zeros(len(x), np.int64), 1, path)
+    if name in IN_MEMORY:
+        return datasets.load_dataset(name, split, path or None)
+    raise ValueError(f"data.name {name!r} is not a tokenizer dataset; use {', '.join(IN_MEMORY)}, npz or image_folder")
+
+
+def _npz_images(path: Optional[str]) -> np.ndarray:
+    if not path or not os.path.exists(path):
+        raise ValueError(f"data.path {path!r} does not exist; point it at an .npz with an 'images' array")
+    with np.load(path) as f:
+        if "images" not in f.files:
+            raise ValueError(f"data.path {path} has arrays {f.files}; it needs 'images' (uint8 [N, H, W(, C)])")
+        return f["images"]
 
 
 def load_image_files(directory: str, image_size: int, limit: Optional[int] = None, channels: int = 3) -> np.ndarray:
-    """Images under `directory` (recursively; png/jpg/jpeg/bmp/webp, sorted) -> [N, S, S, C] in [-1, 1].
-
-    Each image is centre-cropped to a square and resized (bicubic) to image_size.
-    """
+    """The `ImageFiles` under `directory` -> [N, S, S, C] in [-1, 1]: each image centre-cropped to
+    a square and resized (bicubic) to image_size."""
     from PIL import Image
 
-    from iar_jax.data.datasets import decode_image
-
-    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs if f.lower().endswith(exts))
-    if not files:
-        raise ValueError(f"no images ({', '.join(exts)}) under {directory!r}; point --image_dir at a folder of images")
-    files = files[:limit] if limit else files
+    files = ImageFiles(directory, channels)
     out = []
-    for path in files:
-        im = decode_image(path, "RGB" if channels == 3 else "L")
+    for i in range(min(len(files), limit) if limit else len(files)):
+        im = files[i][0]
         w, h = im.size
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))

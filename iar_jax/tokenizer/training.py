@@ -19,14 +19,14 @@ IAR2 (SPEC §2):
     Gating uses an optax transform (`gated`), so C_S's Adam moments and step count advance only on
     semantic iterations, exactly like the reference's separate optimizer.
   Fresh optimizers start stage 2, like the reference's second training script.
+`train_and_evaluate` runs the stages as `train_loop` phases (the AR trainer's loop: sharded state,
+resume with the data position, metrics, NaN guard, SIGTERM).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
-import time
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 from absl import logging
@@ -36,51 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from iar_jax import checkpointing, sharding, train_loop
 from iar_jax.tokenizer import discriminator as disc_lib
-from iar_jax.runtime import NonFiniteLossError, Preemption
+from iar_jax.tokenizer.config import LossConfig, OptimConfig, RecipeConfig
 from iar_jax.tokenizer.quantizer import DualQuantizer, codebook_usage
 from iar_jax.tokenizer.vq_model import VQConfig, VQModel, build_model, check_images
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    reconstruction_loss: str = "l2"  # l2 | l1
-    reconstruction_weight: float = 1.0
-    perceptual_weight: float = 1.0  # LPIPS; 0 switches it off
-    disc_weight: float = 0.5  # 0 switches the discriminator off entirely
-    disc_start: int = 20000
-    disc_loss: str = "hinge"  # hinge | vanilla
-    gen_loss: str = "hinge"  # hinge | non-saturating
-    disc_dim: int = 64
-    disc_num_layers: int = 3
-    stage1_reconstruction_weight: float = 0.0  # IAR2 stage 1: no pixel loss in the reference
-
-    def validate(self) -> "LossConfig":
-        if self.reconstruction_loss not in ("l1", "l2"):
-            raise ValueError(f"loss.reconstruction_loss {self.reconstruction_loss!r} is not supported; use 'l2' or 'l1'")
-        if self.disc_loss not in disc_lib.D_LOSSES:
-            raise ValueError(f"loss.disc_loss {self.disc_loss!r} is not supported; use one of {sorted(disc_lib.D_LOSSES)}")
-        if self.gen_loss not in disc_lib.G_LOSSES:
-            raise ValueError(f"loss.gen_loss {self.gen_loss!r} is not supported; use one of {sorted(disc_lib.G_LOSSES)}")
-        return self
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    max_grad_norm: float = 1.0  # 0 disables clipping
-
-
-@dataclasses.dataclass(frozen=True)
-class RecipeConfig:
-    stage1_steps: int = 0  # IAR2 only: semantic-only steps before the dual stage
-    dual_iters: int = 2  # stage-2 cycle: this many dual iterations ...
-    semantic_iters: int = 1  # ... then this many semantic (C_S-updating) iterations
-    usage_window: int = 65536  # codes remembered for the usage metric (reference buffer length)
+# State entries sharded like params (Adam moments have their shapes); the rest is replicated.
+_SHARDED = ("params", "opt_state", "disc_params", "disc_opt_state")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,7 +136,10 @@ def _rec_loss(kind: str, x, y):
 
 
 class TokenizerTrainer:
-    """Builds the model, discriminator, optimizers and the jitted step for one config."""
+    """Builds the model, discriminator, optimizers and the jitted, sharded steps for one config and
+    image shape on `mesh` (default: all devices as data parallel). The state is sharded like the AR
+    trainer's: params, optimizer and discriminator state by `sharding.shape_logical_shardings`
+    under the mesh rules (FSDP when they map 'embed' to fsdp), the batch over the data axes."""
 
     def __init__(
         self,
@@ -181,7 +148,9 @@ class TokenizerTrainer:
         optim_cfg: OptimConfig = OptimConfig(),
         recipe: RecipeConfig = RecipeConfig(),
         lpips_params=None,
+        image_shape: Tuple[int, int, int] = (256, 256, 3),
         mesh=None,
+        rules=(),
     ):
         self.model_cfg = model_cfg.validate()
         self.loss_cfg = loss_cfg.validate()
@@ -196,15 +165,36 @@ class TokenizerTrainer:
             )
         if loss_cfg.perceptual_weight and model_cfg.out_channels != 3:
             raise ValueError("LPIPS needs RGB reconstructions (out_channels=3); set loss.perceptual_weight=0 for other images")
+        self.image_shape = tuple(int(d) for d in image_shape)
+        check_images(self.model_cfg, (1,) + self.image_shape)
+        self.use_disc = bool(loss_cfg.disc_weight)
+        if self.use_disc:
+            n = loss_cfg.disc_num_layers
+            if min(self.image_shape[:2]) // 2**n - 2 < 1:  # n stride-2 convs, then two 4x4 stride-1 convs
+                raise ValueError(
+                    f"{self.image_shape[0]}x{self.image_shape[1]} images are too small for the PatchGAN discriminator "
+                    f"with disc_num_layers={n} (needs at least {3 * 2**n} px); lower loss.disc_num_layers or set "
+                    "loss.disc_weight=0"
+                )
         self.lpips_params = lpips_params
         self.model = build_model(model_cfg)
-        self.use_disc = bool(loss_cfg.disc_weight)
         self.disc = disc_lib.PatchGANDiscriminator(loss_cfg.disc_dim, loss_cfg.disc_num_layers, model_cfg.compute_dtype)
         if lpips_params is not None:
             from iar_jax.tokenizer.lpips import LPIPS
 
             self.lpips = LPIPS(model_cfg.compute_dtype)
-        self.mesh = mesh
+        self.mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+        self.rules = tuple(rules)
+        self.abstract_state = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        rep = sharding.replicated(self.mesh)
+        self.state_shardings = {
+            k: (sharding.shape_logical_shardings(v, self.mesh, self.rules) if k in _SHARDED else
+                jax.tree_util.tree_map(lambda _: rep, v))
+            for k, v in self.abstract_state.items()}
+        self.batch_shardings = {"images": sharding.batch_sharding(self.mesh, 3)}
+        # Compiled functions depend only on these (hashable) settings: equal trainers share them.
+        self._key = (self.model_cfg, self.loss_cfg, self.optim_cfg, self.recipe, self.image_shape, self.mesh,
+                     self.rules)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -217,39 +207,37 @@ class TokenizerTrainer:
     def disc_tx(self):
         return optax.adam(self.optim_cfg.lr, self.optim_cfg.beta1, self.optim_cfg.beta2, eps=1e-8)
 
-    def init_state(self, rng: Array, image_shape: Tuple[int, int, int]) -> Dict[str, Any]:
-        """The train state, built by one compiled call shared by trainers with equal settings."""
-        image_shape = tuple(int(d) for d in image_shape)
-        check_images(self.model_cfg, (1,) + image_shape)
-        if self.use_disc:
-            n = self.loss_cfg.disc_num_layers
-            out = min(image_shape[:2]) // 2**n - 2  # n stride-2 convs, then two 4x4 stride-1 convs
-            if out < 1:
-                raise ValueError(
-                    f"{image_shape[0]}x{image_shape[1]} images are too small for the PatchGAN discriminator with "
-                    f"disc_num_layers={n} (needs at least {3 * 2**n} px); lower loss.disc_num_layers or set loss.disc_weight=0"
-                )
-        key = ("init", self.model_cfg, self.loss_cfg, self.recipe, image_shape)
+    def _cached(self, name: str, make: Callable[[], Callable]) -> Callable:
+        key = (name,) + self._key
         if key not in _STEP_CACHE:
-            _STEP_CACHE[key] = jax.jit(functools.partial(self._init_state, image_shape=image_shape))
-        return _STEP_CACHE[key](rng)
+            _STEP_CACHE[key] = make()
+        return _STEP_CACHE[key]
 
-    def _init_state(self, rng, image_shape):
+    def abstract_sharded_state(self):
+        return checkpointing.abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+    def init_state(self, seed: int) -> Dict[str, Any]:
+        """The train state of `seed`, created already sharded."""
+        init = self._cached("init", lambda: jax.jit(self._init_state, out_shardings=self.state_shardings))
+        return init(jax.random.PRNGKey(seed))
+
+    def _init_state(self, rng):
+        rng, train_rng = jax.random.split(rng)
         # An RngBitGenerator key for the ~100 initialisers compiles ~3x faster than threefry; still fixed by
         # the seed (values may differ between backends, which only matters for a fresh init).
         rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
         r_model, r_disc = jax.random.split(rng)
-        x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+        x = jnp.zeros((1,) + self.image_shape, jnp.float32)
         params = self.model.init({"params": r_model}, x)["params"]
-        stage = self.stage_of(0)
         state = {
             "step": jnp.zeros([], jnp.int32),
+            "rng": train_rng,
             "params": params,
-            "opt_state": self.gen_tx(stage).init(params),
+            "opt_state": self.gen_tx(self.stage_of(0)).init(params),
             "recent_codes": jnp.zeros((len(self.model_cfg.vocab_sizes), self.recipe.usage_window), jnp.int32),
         }
         if self.use_disc:
-            img = jnp.zeros((2,) + tuple(image_shape[:2]) + (self.model_cfg.out_channels,), jnp.float32)
+            img = jnp.zeros((2,) + self.image_shape[:2] + (self.model_cfg.out_channels,), jnp.float32)
             dvars = self.disc.init({"params": r_disc}, img, train=False)
             state["disc_params"] = dvars["params"]
             state["disc_stats"] = dvars["batch_stats"]
@@ -257,23 +245,25 @@ class TokenizerTrainer:
         return state
 
     def reset_for_stage2(self, state):
-        """Fresh generator optimizer at the start of IAR2 stage 2 (and a fresh D optimizer)."""
-        key = ("reset", self.model_cfg, self.loss_cfg, self.optim_cfg, self.recipe)
-        if key not in _STEP_CACHE:
+        """Fresh generator optimizer at the start of IAR2 stage 2 (and a fresh D optimizer); same
+        layout and shardings, so the stage-2 step takes it as is."""
 
-            def reset(params, disc_params):
-                return self.gen_tx(2).init(params), (self.disc_tx().init(disc_params) if self.use_disc else None)
+        def reset(state):
+            new = dict(state, opt_state=self.gen_tx(2).init(state["params"]))
+            if self.use_disc:
+                new["disc_opt_state"] = self.disc_tx().init(state["disc_params"])
+            return new
 
-            _STEP_CACHE[key] = jax.jit(reset)
-        state = dict(state)
-        opt, dopt = _STEP_CACHE[key](state["params"], state.get("disc_params"))
-        # Same placement as the rest of the state, so the step function is not recompiled for it.
-        like = jax.tree_util.tree_leaves(state["params"])[0].sharding
-        opt, dopt = jax.device_put((opt, dopt), like)
-        state["opt_state"] = opt
-        if self.use_disc:
-            state["disc_opt_state"] = dopt
-        return state
+        fn = self._cached("reset", lambda: jax.jit(reset, in_shardings=(self.state_shardings,),
+                                                   out_shardings=self.state_shardings, donate_argnums=(0,)))
+        return fn(state)
+
+    def phases(self):
+        """The recipe as data for `train_loop.run`: IAR2 stage 1, then stage 2 on fresh optimizers."""
+        if self.model_cfg.dual and self.recipe.stage1_steps:
+            return [train_loop.Phase(0, self.step_fn(1)),
+                    train_loop.Phase(self.recipe.stage1_steps, self.step_fn(2), self.reset_for_stage2)]
+        return [train_loop.Phase(0, self.step_fn(2))]
 
     # -- losses -------------------------------------------------------------------------------
 
@@ -330,9 +320,10 @@ class TokenizerTrainer:
 
     # -- steps --------------------------------------------------------------------------------
 
-    def _train_step(self, state, images, rng, lpips_params, stage: int):
+    def _train_step(self, state, batch, lpips_params, stage: int):
         mc, lc, oc = self.model_cfg, self.loss_cfg, self.optim_cfg
-        step = state["step"]
+        images, step = batch["images"], state["step"]
+        rng = jax.random.fold_in(state["rng"], step)
         params = state["params"]
         disc_vars = {"params": state["disc_params"], "batch_stats": state["disc_stats"]} if self.use_disc else None
         if mc.dual and stage == 1:
@@ -392,21 +383,19 @@ class TokenizerTrainer:
         new["step"] = step + 1
         return new, metrics
 
-    def step_fn(self, stage: int):
-        """The jitted step, shared by all trainers with equal settings (compiled once per process)."""
-        key = (self.model_cfg, self.loss_cfg, self.optim_cfg, self.recipe, stage)
-        if key not in _STEP_CACHE:
-            fn = functools.partial(self._train_step, stage=stage)
-            _STEP_CACHE[key] = jax.jit(fn, donate_argnums=(0,))
-        return _STEP_CACHE[key]
+    def step_fn(self, stage: int) -> Callable:
+        """(state, batch) -> (state, metrics) of `stage`: jitted with the state and batch shardings,
+        donating the old state (compiled once per process for equal settings)."""
+        fn = self._cached(f"step{stage}", lambda: train_loop.jit_step(
+            functools.partial(self._train_step, stage=stage), self.state_shardings, self.batch_shardings, self.mesh,
+            extra_args=1))  # the LPIPS weights
+        return lambda state, batch: fn(state, batch, self.lpips_params)
 
-    def train_step(self, state, images, rng):
-        """One step; picks the stage from the host-side step counter."""
-        stage = self.stage_of(int(state["step"]))
-        return self.step_fn(stage)(state, images, rng, self.lpips_params)
+    def put_batch(self, host_batch: Dict[str, np.ndarray]):
+        return sharding.host_local_to_global(host_batch, self.mesh)
 
 
-# Init / step functions depend only on the (frozen, hashable) settings, so equal trainers share them.
+# Compiled init / reset / step functions, keyed by TokenizerTrainer._key.
 _STEP_CACHE: Dict[Any, Callable] = {}
 
 
@@ -457,14 +446,15 @@ def evaluate(model: VQModel, params, images: np.ndarray, batch_size: int = 256, 
 
 
 # ------------------------------------------------------------------------------------------------
-# The loop: resume, log, checkpoint, NaN guard
+# Training through the shared loop, then evaluation
 # ------------------------------------------------------------------------------------------------
 
 CHECKPOINT_KIND = "tokenizer_train_state"
 
 
-def build_trainer(config, mesh=None) -> "TokenizerTrainer":
-    """TokenizerTrainer for a configs/tokenizer.py config (reads the LPIPS files if LPIPS is on)."""
+def build_trainer(config, devices=None) -> "TokenizerTrainer":
+    """TokenizerTrainer for a configs/tokenizer.py config on `devices` (default: all), laid out by
+    config.mesh; reads the LPIPS files if LPIPS is on."""
     from iar_jax.tokenizer import config as cfg_lib
 
     loss_cfg = cfg_lib.loss_config_from(config)
@@ -475,13 +465,15 @@ def build_trainer(config, mesh=None) -> "TokenizerTrainer":
         lpips_params = load_lpips_params(config.loss.lpips_vgg_path, config.loss.lpips_lin_path)
     else:
         logging.warning("LPIPS is off (loss.perceptual_weight=0): training without the perceptual loss")
+    image_shape = (int(config.data.image_size),) * 2 + (int(config.model.in_channels),)
     return TokenizerTrainer(cfg_lib.model_config_from(config), loss_cfg, cfg_lib.optim_config_from(config),
-                            cfg_lib.recipe_from(config), lpips_params, mesh)
+                            cfg_lib.recipe_from(config), lpips_params, image_shape,
+                            sharding.make_mesh(config.mesh, devices), sharding.rules(config.mesh))
 
 
 def make_image_source(config, split: Optional[str] = None, limit: Optional[int] = None,
                       channels: Optional[int] = None):
-    """float32 [N, S, S, C] images for the in-memory sources (see `iar_jax.tokenizer.data`)."""
+    """float32 [N, S, S, C] evaluation images (see `iar_jax.tokenizer.data`)."""
     from iar_jax.tokenizer import data as data_lib
 
     d = config.data
@@ -505,136 +497,51 @@ def train_and_evaluate(config, workdir: Optional[str], images: Optional[np.ndarr
                        eval_images: Optional[np.ndarray] = None, num_steps: Optional[int] = None,
                        log_fn: Optional[Callable[[int, Dict[str, float]], None]] = None, devices=None,
                        step_fn: Optional[Callable[[int, Dict[str, Any]], None]] = None):
-    """Trains (resuming from `workdir/checkpoints`, if a workdir is given) and evaluates.
+    """Trains through `train_loop.run` (resuming from `workdir/checkpoints`, if a workdir is given) and
+    evaluates. Returns (trainer, state, eval_metrics).
 
-    Returns (trainer, state, eval_metrics). Without a workdir nothing is written (benchmarks, tests).
-    `log_fn(step, mean_metrics)` is called at every log interval, `step_fn(step, device_metrics)`
-    after every step; `devices` defaults to all devices. `trainer.preempted` tells a run stopped by
-    SIGTERM (after saving) from a finished one.
+    `images` (float32 [N, S, S, C] in [-1, 1]) replaces config.data's training images. Without a
+    workdir nothing is written (benchmarks, tests). `log_fn` / `step_fn` as in `train_loop.run`;
+    `devices` defaults to all devices. `trainer.preempted` tells a run stopped by SIGTERM (after
+    saving) from a finished one.
     """
-    from iar_jax import checkpointing
-
-    if not workdir:
-        return _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices, step_fn)
-    with checkpointing.WorkdirLock(workdir):  # one writer per workdir
-        return _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices, step_fn)
-
-
-def _train_and_evaluate(config, workdir, images, eval_images, num_steps, log_fn, devices, step_fn):
-    from iar_jax import checkpointing, sharding
     from iar_jax.tokenizer import data as data_lib
 
-    mesh = sharding.make_mesh(config.mesh, devices)
-    trainer = build_trainer(config, mesh)
-    trainer.preempted = False
-    total = int(num_steps or config.train.num_steps)
-    gb = int(config.train.global_batch)
-    sharding.check_global_batch(gb, mesh)
-    seed, flip = int(config.train.seed), bool(config.data.flip)
-    if images is None and config.data.name == "image_folder":
-        batches = data_lib.FolderBatches(config.data.path, int(config.data.image_size), gb, seed, flip,
-                                         channels=int(config.model.in_channels))
-        image_shape = (int(config.data.image_size),) * 2 + (int(config.model.in_channels),)
-    else:
-        images = make_image_source(config) if images is None else images
-        batches = data_lib.ArrayBatches(images, gb, seed, flip)
-        image_shape = images.shape[1:]
-    # Each host loads its slice of every global batch; the order only depends on (seed, step).
-    per_host = gb // jax.process_count()
-    lo = jax.process_index() * per_host
-
-    def global_batch(step):
-        return sharding.host_local_to_global(batches.batch(step, lo, lo + per_host), mesh)
-
-    rng = jax.random.key(seed)
-    state = trainer.init_state(rng, image_shape)
-    state = jax.device_put(state, sharding.replicated(mesh))
-    start, ckpt, meta = 0, None, _meta(trainer)
-    if workdir:
-        ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_ckpts))
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = ckpt.restore_latest(abstract, expect_meta=meta)
-        if restored is not None:
-            state, _, _, start = restored
-            logging.info("resumed tokenizer training from step %d in %s", start, workdir)
-
-    writer = None
-    if workdir:
-        from clu import metric_writers
-
-        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
-    pending = []
-    last_saved = start if start else None
-    t0 = time.time()
-
-    def flush(step):
-        if not pending:
-            return
-        rows = jax.device_get(pending)
-        for s, row in rows:
-            if not np.isfinite(row["loss"]):
-                where = f"step {last_saved}" if last_saved is not None else "none saved yet"
-                raise NonFiniteLossError(
-                    f"non-finite tokenizer loss ({row['loss']}) at step {s}; stopped without saving it (last good "
-                    f"checkpoint: {where}); lower optim.lr or check the data")
-        mean = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[0][1]}
-        pending.clear()
-        mean["steps_per_sec"] = (step - start) / max(time.time() - t0, 1e-9)
-        if writer is not None:
-            writer.write_scalars(step, mean)
-        if log_fn is not None:
-            log_fn(step, mean)
-        elif writer is None:
-            logging.info("step %d: %s", step, {k: round(v, 5) for k, v in mean.items()})
-
-    def save(step, force=False):
-        nonlocal last_saved
-        flush(step)
-        if ckpt is not None:
-            ckpt.save(step, state, {"step": int(step)}, meta, force=force)
-            last_saved = step
-
-    step = start
-    try:
-        with Preemption(log_every) as preempt:
-            while step < total:
-                if trainer.model_cfg.dual and step == trainer.recipe.stage1_steps and step > 0:
-                    state = trainer.reset_for_stage2(state)  # fresh optimizers for stage 2, like the reference
-                state, metrics = trainer.train_step(state, global_batch(step), jax.random.fold_in(rng, step))
-                step += 1
-                pending.append((step, metrics))
-                if step_fn is not None:
-                    step_fn(step, metrics)
-                if step % log_every == 0 or step == total:
-                    flush(step)
-                if ckpt is not None and (step % ckpt_every == 0 or step == total):
-                    save(step)
-                if preempt.any_host(step):
-                    if ckpt is not None and last_saved != step:
-                        save(step, force=True)
-                    logging.warning("stopped at step %d on SIGTERM; re-run the same command to resume", step)
-                    trainer.preempted = True
-                    return trainer, state, {}
-    finally:  # also on errors: let the last good (async) save land
-        if ckpt is not None:
-            ckpt.close()
-
-    results = {}
-    if eval_images is not None and len(eval_images):
-        mode = "dual" if trainer.model_cfg.dual else None
-        params = jax.device_get(state["params"])
-        results, recon = evaluate(trainer.model, params, eval_images, mode=mode)
-        if workdir and jax.process_index() == 0:
-            from iar_jax.evaluation import reconstruction as image_metrics
-
-            n = int(config.train.num_grid_images)
-            image_metrics.save_reconstruction_grid(os.path.join(workdir, "reconstructions.png"), eval_images[:n], recon[:n])
-            with open(os.path.join(workdir, "eval.json"), "w") as f:
-                json.dump({"step": step, **results}, f)
-        if writer is not None:
-            writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
-    if writer is not None:
-        writer.flush()
+    d = config.data
+    with train_loop.locked(config, workdir):
+        trainer = build_trainer(config, devices)
+        if images is None:
+            images = data_lib.training_data(d.name, d.split, d.path or None, int(config.model.in_channels))
+        elif tuple(images.shape[1:]) != trainer.image_shape:
+            raise ValueError(f"training images are {tuple(images.shape[1:])}, the config wants {trainer.image_shape}; "
+                             "set data.image_size / model.in_channels to match")
+        source = data_lib.ImageSource(images, int(d.image_size), int(config.model.in_channels), bool(d.flip))
+        result = train_loop.run(
+            config, workdir, trainer.phases(), lambda: trainer.init_state(int(config.train.seed)),
+            trainer.abstract_sharded_state(), train_loop.batch_iterator(config, source), trainer.put_batch,
+            _meta(trainer), num_steps, log_fn, step_fn)
+        trainer.preempted, state = result.preempted, result.state
+        results = {}
+        if not result.preempted and eval_images is not None and len(eval_images):
+            results = _evaluate_run(config, workdir, trainer, state, eval_images, result.step)
+            result.writer.write_scalars(result.step, {f"eval/{k}": v for k, v in results.items()})
+            result.writer.flush()
     return trainer, state, results
+
+
+def _evaluate_run(config, workdir, trainer, state, eval_images, step):
+    mode = "dual" if trainer.model_cfg.dual else None
+    params = state["params"]
+    if jax.process_count() > 1:  # FSDP shards may live on other hosts
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    results, recon = evaluate(trainer.model, jax.device_get(params), eval_images, mode=mode)
+    if workdir and jax.process_index() == 0:
+        from iar_jax.evaluation import reconstruction
+
+        n = int(config.train.num_grid_images)
+        reconstruction.save_reconstruction_grid(os.path.join(workdir, "reconstructions.png"), eval_images[:n], recon[:n])
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump({"step": step, **results}, f)
+    return results
