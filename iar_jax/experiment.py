@@ -361,7 +361,21 @@ def eval_steps(run_cfg, config) -> List[int]:
     return sorted(set(range(every, total + 1, every)) | {total})
 
 
-def train_and_eval_run(config, run_dir: str, run_cfg, evaluator: Evaluator, seed: int) -> Dict[str, Any]:
+def run_paths(rdir: str, arm: str, seed: int) -> str:
+    return os.path.join(rdir, "runs", f"{arm}_s{seed}")
+
+
+def read_curve(run_dir: str, steps: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """A finished run's curve from its evals.json (every step and the robustness), else None."""
+    evals = pipeline.read_json(os.path.join(run_dir, "evals.json"), {})
+    if any(str(s) not in evals for s in steps) or "robustness" not in evals[str(steps[-1])]:
+        return None
+    return {"steps": list(steps), "fid": [evals[str(s)]["fid"] for s in steps],
+            "class_accuracy": [evals[str(s)]["class_accuracy"] for s in steps],
+            "robustness": evals[str(steps[-1])]["robustness"]}
+
+
+def train_and_eval_run(config, run_dir: str, run_cfg, evaluator: Evaluator, seed: int) -> None:
     """Trains one (arm, seed) run and evaluates its checkpoints; resumes at either point."""
     from iar_jax import checkpointing, trainer
     from iar_jax.models.iar import load_mapping
@@ -390,88 +404,174 @@ def train_and_eval_run(config, run_dir: str, run_cfg, evaluator: Evaluator, seed
         evals[str(step)] = dict(ev, seconds=time.time() - t0)
         pipeline.write_json(evals_path, evals)
         logging.info("%s step %d: %s", run_dir, step, evals[str(step)])
-    steps = sorted(int(s) for s in evals)
-    return {"steps": steps, "fid": [evals[str(s)]["fid"] for s in steps],
-            "class_accuracy": [evals[str(s)]["class_accuracy"] for s in steps],
-            "robustness": evals[str(total)]["robustness"]}
 
 
-def write_report(workdir: str, curves, info: Dict[str, Any], n_boot: int) -> Dict[str, Any]:
-    tables = {r: summarize(c, {a: {s: run["robustness"] for s, run in runs.items()} for a, runs in c.items()}, n_boot)
-              for r, c in curves.items()}
-    md = table_markdown(tables, info.get("chance"))
-    if info.get("note"):
-        md += f"\nNote: {info['note']}\n"
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write(md)
-    report = {"tables": tables, "curves": {r: {a: {str(s): run for s, run in runs.items()} for a, runs in c.items()}
-                                           for r, c in curves.items()}, **info}
-    pipeline.write_json(os.path.join(workdir, "table.json"), report)
-    plot_curves(os.path.join(workdir, "curves.png"), curves, info.get("title", ""))
-    return report
-
-
-def run(config, workdir: str) -> Dict[str, Any]:
-    """The whole experiment (resumable); returns the report written to workdir/table.json."""
-    t_start = time.time()
+def _arms(config) -> List[str]:
     arms = [a.strip() for a in str(config.arms).split(",") if a.strip()]
     for a in arms:
         if a not in ARMS:
             raise ValueError(f"unknown arm {a!r} in config.arms; use {', '.join(ARMS)}")
+    return arms
+
+
+def collect(config, workdir: str, regimes) -> Dict[str, Dict[str, Dict[int, Any]]]:
+    """curves[regime][arm][seed] of every finished run on disk."""
+    steps = eval_steps(config.ar, config)
+    curves = {}
+    for regime in regimes:
+        curves[regime] = {}
+        for arm in _arms(config):
+            runs = {s: read_curve(run_paths(os.path.join(workdir, regime), arm, s), steps)
+                    for s in range(int(config.seeds))}
+            curves[regime][arm] = {s: c for s, c in runs.items() if c is not None}
+    return curves
+
+
+def write_report(config, workdir: str, regimes, info: Dict[str, Any], out: Optional[str] = None) -> Dict[str, Any]:
+    """table.md, table.json and curves.png in `out` (default `workdir`) from the finished runs of
+    `regimes` on disk."""
+    curves = collect(config, workdir, regimes)
+    out = out or workdir
+    tables = {r: summarize(c, {a: {s: run["robustness"] for s, run in runs.items()} for a, runs in c.items()},
+                           int(config.bootstrap)) for r, c in curves.items()}
+    md = table_markdown(tables, info.get("chance"))
+    if info.get("note"):
+        md += f"\nNote: {info['note']}\n"
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(md)
+    report = {"tables": tables, "curves": {r: {a: {str(s): run for s, run in runs.items()} for a, runs in c.items()}
+                                           for r, c in curves.items()}, **info}
+    pipeline.write_json(os.path.join(out, "table.json"), report)
+    plot_curves(os.path.join(out, "curves.png"), curves, info.get("title", ""))
+    return report
+
+
+def _validate(config):
+    _arms(config)
     if int(config.eval_every) <= 0 or int(config.seeds) <= 0 or int(config.eval_per_class) <= 0:
         raise ValueError("config.eval_every, config.seeds and config.eval_per_class must be positive; "
                          "e.g. --config.eval_every=100")
-    regimes = regime_configs(config)
-    os.makedirs(workdir, exist_ok=True)
-    timings = pipeline.read_json(os.path.join(workdir, "timings.json"), {})
+    return regime_configs(config)
+
+
+def run_regime(config, workdir: str, regime: str) -> None:
+    """Stages and every (seed, arm) run of one regime, seed-major (a partial regime stays paired);
+    its own report and timings in WORKDIR/REGIME/."""
+    tok_cfg, m = _validate(config)[regime]
+    rdir = os.path.join(workdir, regime)
+    os.makedirs(rdir, exist_ok=True)
+    timings = pipeline.read_json(os.path.join(rdir, "timings.json"), {})
 
     def timed(name, fn, *args):
         t0 = time.time()
         out = fn(*args)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
-        pipeline.write_json(os.path.join(workdir, "timings.json"), timings)
+        pipeline.write_json(os.path.join(rdir, "timings.json"), timings)
         return out
 
-    from iar_jax.evaluation import small_cnn
+    train, coded, ref, _ = load_datasets(config)
+    n_codes = int(tok_cfg.model.codebook_size)
+    tok_dir, kmeans, codes_dir, held_dir = timed("stages", stages, config, rdir, tok_cfg, m, train, coded,
+                                                 _head(ref, int(config.heldout_images)))
+    base_cfg = run_config(config, "baseline", 0, codes_dir, tok_dir, kmeans, n_codes, m)
+    evaluator = timed("evaluator_setup", Evaluator, config, base_cfg, tok_dir, kmeans, m, held_dir,
+                      np.load(os.path.join(workdir, "ref_features.npy")))
+    info = _info(config, {regime: (tok_cfg, m)}, train, coded, ref)
+    for seed in range(int(config.seeds)):
+        for arm in _arms(config):
+            cfg = run_config(config, arm, seed, codes_dir, tok_dir, arm_mapping(rdir, arm, seed, kmeans, n_codes),
+                             n_codes, m)
+            timed(f"{arm}_s{seed}", train_and_eval_run, config, run_paths(rdir, arm, seed), cfg, evaluator, seed)
+            report = write_report(config, workdir, [regime], dict(info, timings={regime: timings}), out=rdir)
+            logging.info("after %s %s seed %d:\n%s", regime, arm, seed, table_markdown(report["tables"]))
 
-    train, coded, ref, note = load_datasets(config)
-    heldout = _head(ref, int(config.heldout_images))
-    ref_path = os.path.join(workdir, "ref_features.npy")
-    if not os.path.exists(ref_path):
-        ref_images = ref.images if ref.images.ndim == 4 else ref.images[..., None]
-        np.save(ref_path, small_cnn.predict(small_cnn.load_params(), ref_images)["features"])
-    ref_features = np.load(ref_path)
-    n_eval = int(config.eval_per_class) * 10
-    info = {"dataset": getattr(train, "name", config.dataset), "tokenizer_images": len(train),
-            "code_images": len(coded), "heldout_images": len(heldout), "note": note,
-            "num_eval_samples": n_eval, "num_ref_images": len(ref_features), "bootstrap": int(config.bootstrap),
+
+def _info(config, regimes, train, coded, ref) -> Dict[str, Any]:
+    n_eval = int(config.eval_per_class) * int(train.num_classes)
+    name = getattr(train, "name", config.dataset)
+    return {"dataset": name, "tokenizer_images": len(train), "code_images": len(coded),
+            "heldout_images": min(len(ref), int(config.heldout_images)), "num_eval_samples": n_eval,
+            "num_ref_images": len(ref), "bootstrap": int(config.bootstrap),
             "regimes": {r: {"codebook_size": int(t.model.codebook_size), "cluster_size": m}
                         for r, (t, m) in regimes.items()},
             "chance": {r: (m - 1) / (int(t.model.codebook_size) - 1) for r, (t, m) in regimes.items()},
-            "title": f"IAR vs baseline vs random clusters on {getattr(train, 'name', config.dataset)} "
+            "title": f"IAR vs baseline vs random clusters on {name} "
                      f"({n_eval} samples / FID point, mean and 95% bootstrap band over seeds)"}
-    curves: Dict[str, Dict[str, Dict[int, Any]]] = {r: {a: {} for a in arms} for r in regimes}
-    setups = {}
-    for regime, (tok_cfg, m) in regimes.items():
-        rdir = os.path.join(workdir, regime)
-        tok_dir, kmeans, codes_dir, held_dir = timed(f"{regime}/stages", stages, config, rdir, tok_cfg, m, train,
-                                                     coded, heldout)
-        base_cfg = run_config(config, "baseline", 0, codes_dir, tok_dir, kmeans, int(tok_cfg.model.codebook_size), m)
-        evaluator = timed(f"{regime}/evaluator_setup", Evaluator, config, base_cfg, tok_dir, kmeans, m, held_dir,
-                          ref_features)
-        setups[regime] = (rdir, tok_dir, kmeans, codes_dir, int(tok_cfg.model.codebook_size), m, evaluator)
-    report = {}
-    # Seed-major over regimes and arms: a partial experiment has paired seeds in every regime.
-    for seed in range(int(config.seeds)):
-        for regime, (rdir, tok_dir, kmeans, codes_dir, n_codes, m, evaluator) in setups.items():
-            for arm in arms:
-                run_dir = os.path.join(rdir, "runs", f"{arm}_s{seed}")
-                cfg = run_config(config, arm, seed, codes_dir, tok_dir, arm_mapping(rdir, arm, seed, kmeans, n_codes),
-                                 n_codes, m)
-                curves[regime][arm][seed] = timed(f"{regime}/{arm}_s{seed}", train_and_eval_run, config, run_dir,
-                                                  cfg, evaluator, seed)
-                info["wall_seconds_this_invocation"] = time.time() - t_start
-                info["timings"] = timings
-                report = write_report(workdir, curves, info, int(config.bootstrap))
-                logging.info("after %s %s seed %d:\n%s", regime, arm, seed, table_markdown(report["tables"]))
-    return report
+
+
+def _run_children(config, workdir: str, regimes: Sequence[str]) -> None:
+    """One `python -m iar_jax.experiment` process per regime (log in WORKDIR/REGIME/log.txt); SIGTERM
+    is passed on to them (each saves its run and exits 143)."""
+    import signal
+    import subprocess
+    import sys
+
+    from iar_jax import runtime
+
+    import pickle
+
+    cfg_path = os.path.join(workdir, "config.pkl")  # pickled: JSON would turn the configs' tuples into lists
+    with open(cfg_path + ".tmp", "wb") as f:
+        pickle.dump(config, f)
+    os.replace(cfg_path + ".tmp", cfg_path)
+    procs = {}
+    for r in regimes:
+        os.makedirs(os.path.join(workdir, r), exist_ok=True)
+        with open(os.path.join(workdir, r, "log.txt"), "a") as log:
+            procs[r] = subprocess.Popen([sys.executable, "-m", "iar_jax.experiment", cfg_path, workdir, r],
+                                        stdout=log, stderr=subprocess.STDOUT)
+    old = signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs.values()])
+    try:
+        codes = {r: p.wait() for r, p in procs.items()}
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    failed = {r: c for r, c in codes.items() if c}
+    if failed and all(c in (runtime.PREEMPTED_EXIT_CODE, -signal.SIGTERM) for c in failed.values()):
+        raise runtime.Preempted(f"experiment in {workdir} stopped by SIGTERM; run the same command again to resume")
+    if failed:
+        r, c = next(iter(failed.items()))
+        raise RuntimeError(f"regime {r} failed (exit {c}); see {os.path.join(workdir, r, 'log.txt')}")
+
+
+def run(config, workdir: str) -> Dict[str, Any]:
+    """The whole experiment (resumable); returns the report written to workdir/table.json. With
+    `config.parallel_regimes`, each regime runs in its own process (two on a 2-core machine: one
+    tiny-model process leaves about a core idle; also with one regime, which the tests use)."""
+    t_start = time.time()
+    regimes = _validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    from iar_jax.evaluation import small_cnn
+
+    train, coded, ref, note = load_datasets(config)
+    ref_path = os.path.join(workdir, "ref_features.npy")
+    if not os.path.exists(ref_path):  # before any regime process starts: they share it
+        ref_images = ref.images if ref.images.ndim == 4 else ref.images[..., None]
+        np.save(ref_path + ".tmp.npy", small_cnn.predict(small_cnn.load_params(), ref_images)["features"])
+        os.replace(ref_path + ".tmp.npy", ref_path)
+    if bool(config.parallel_regimes):
+        _run_children(config, workdir, list(regimes))
+    else:
+        for regime in regimes:
+            run_regime(config, workdir, regime)
+    info = dict(_info(config, regimes, train, coded, ref), note=note,
+                wall_seconds_this_invocation=time.time() - t_start,
+                timings={r: pipeline.read_json(os.path.join(workdir, r, "timings.json"), {}) for r in regimes})
+    return write_report(config, workdir, list(regimes), info)
+
+
+if __name__ == "__main__":  # one regime of `run` with parallel_regimes: CONFIG.pkl WORKDIR REGIME
+    import pickle
+    import sys
+
+    from iar_jax import runtime
+
+    logging.basicConfig(level=logging.INFO)
+    runtime.setup()
+    with open(sys.argv[1], "rb") as f:
+        _config = pickle.load(f)
+    runtime.resolve_kernels(_config.ar)
+    try:
+        run_regime(_config, sys.argv[2], sys.argv[3])
+    except runtime.Preempted as e:
+        logging.warning("%s", e)
+        sys.exit(runtime.PREEMPTED_EXIT_CODE)

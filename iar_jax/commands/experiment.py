@@ -35,5 +35,5 @@ def main(argv):
     runtime.resolve_kernels(_CONFIG.value.ar)
     report = experiment.run(_CONFIG.value, _WORKDIR.value)
     logging.info("experiment done in %.0f s", time.time() - t0)
-    print(experiment.table_markdown(report["table"]), end="")
-    print(json.dumps({"workdir": _WORKDIR.value, "table": report["table"], "seconds": round(time.time() - t0, 1)}))
+    print(experiment.table_markdown(report["tables"], report["chance"]), end="")
+    print(json.dumps({"workdir": _WORKDIR.value, "tables": report["tables"], "seconds": round(time.time() - t0, 1)}))
