@@ -55,6 +55,13 @@ def test_tables_from_json_lines():
                        "63 iterations |")
 
 
+def test_provenance_is_that_of_the_newest_record():
+    lines = LINES + [dict(LINES[2], machine="2 cores of Y, 1-minute load 3.0 at the end", date="2026-12-02")]
+    assert rf.build_tables(lines, "now", "today")["demo"].endswith(
+        "on 2026-12-02: 2 cores of Y, 1-minute load 3.0 at the end.")
+    assert rf.build_tables(lines, "now", "today")["benchmarks"].endswith("on today: now.")  # no recorded machine
+
+
 def test_rewrite_replaces_only_between_markers():
     tables = rf.build_tables(LINES, "m", "d")
     out = rf.rewrite(README, tables)
