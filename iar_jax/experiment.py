@@ -502,13 +502,12 @@ def _info(config, regimes, train, coded, ref) -> Dict[str, Any]:
 def _run_children(config, workdir: str, regimes: Sequence[str]) -> None:
     """One `python -m iar_jax.experiment` process per regime (log in WORKDIR/REGIME/log.txt); SIGTERM
     is passed on to them (each saves its run and exits 143)."""
+    import pickle
     import signal
     import subprocess
     import sys
 
     from iar_jax import runtime
-
-    import pickle
 
     cfg_path = os.path.join(workdir, "config.pkl")  # pickled: JSON would turn the configs' tuples into lists
     with open(cfg_path + ".tmp", "wb") as f:
