@@ -299,9 +299,9 @@ class Evaluator:
         import jax
 
         from iar_jax import sharding
-        from iar_jax.models import families
         from iar_jax.data.records import RecordSource
         from iar_jax.evaluation import small_cnn
+        from iar_jax.models import families
         from iar_jax.sampling import generate as gen
         from iar_jax.tokenizer.checkpoint import load_tokenizer
 
