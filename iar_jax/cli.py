@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "sample": ("iar_jax.commands.sample", "class-conditional samples with CFG -> samples.npz (ADM) + grid.png"),
     "evaluate": ("iar_jax.commands.evaluate", "FID / sFID / IS / precision / recall (ADM), or small-CNN FID"),
     "experiment": ("iar_jax.commands.experiment", "IAR's training-speed claim in miniature on Fashion-MNIST"),
-    "convert": ("iar_jax.commands.convert", "official PyTorch checkpoints <-> Flax params"),
+    "convert": ("iar_jax.commands.convert", "official PyTorch checkpoints <-> Flax params; FID Inception weights -> .npz"),
 }
 HELP = ("-h", "--help", "--helpshort")
 
