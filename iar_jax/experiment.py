@@ -310,6 +310,7 @@ class Evaluator:
             run_cfg, tok_dir, self.mesh, "", guidance="constant", cfg_scale=str(config.cfg_scale))
         vq_cfg, vq_params = load_tokenizer(tok_dir)
         self.decoder = gen.vq_decoder(vq_cfg, jax.device_put(vq_params))
+        self._decode_fns: Dict[bytes, Any] = {}
         self.grid = int(run_cfg.model.grid_size)
         self.num_classes = int(run_cfg.model.num_classes)
         self.labels = gen.class_labels(0, self.num_classes, int(config.eval_per_class))
@@ -332,7 +333,10 @@ class Evaluator:
         from iar_jax.sampling import generate as gen
 
         params = jax.device_put(params, self.param_shardings)
-        decode_fn = gen.make_decode_fn(self.decoder, self.grid, False, np.argsort(mapping))
+        key = mapping.tobytes()  # one id lookup (a small jit) per arm's mapping, not per FID point
+        if key not in self._decode_fns:
+            self._decode_fns[key] = gen.make_decode_fn(self.decoder, self.grid, False, np.argsort(mapping))
+        decode_fn = self._decode_fns[key]
         gen.generate(self.sample_fn, params, self.labels, out_dir, global_batch=self.global_batch, mesh=self.mesh,
                      decode_fn=decode_fn, num_classes=self.num_classes, seed=seed,
                      grid=100 if keep else 0, progress=False)

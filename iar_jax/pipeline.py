@@ -69,9 +69,12 @@ def _step_bar(total: int, desc: str, enabled: bool):
 
 
 def check_finished(step, total: int, what: str = "training") -> None:
-    """Trainers return normally after a SIGTERM save: such a stage must not be marked done."""
+    """Trainers return normally after a SIGTERM save: such a stage must not be marked done, and the
+    command exits with runtime.PREEMPTED_EXIT_CODE (143), as `train` does."""
     if int(step) < int(total):
-        raise SystemExit(f"{what} stopped at step {int(step)} of {int(total)}; run the same command again to resume")
+        from iar_jax.runtime import Preempted
+
+        raise Preempted(f"{what} stopped at step {int(step)} of {int(total)}; run the same command again to resume")
 
 
 def dataset_images(dataset, limit: int = 0) -> np.ndarray:

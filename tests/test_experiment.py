@@ -138,6 +138,14 @@ def _random_tokenizer(tok_config, tok_dir):
     pipeline.mark_done(tok_dir, {"steps": 0})
 
 
+def test_unfinished_stage_is_a_preemption():
+    from iar_jax import pipeline, runtime
+
+    pipeline.check_finished(5, 5)
+    with pytest.raises(runtime.Preempted, match="stopped at step 3 of 5"):  # the CLI exits 143, not 0 or 1
+        pipeline.check_finished(3, 5)
+
+
 def test_regime_config_errors():
     c = _tiny_config()
     c.regimes.tiny.cluster_size = 5
