@@ -6,9 +6,11 @@
     python benchmarks/readme_figures.py --from_jsonl=runs.jsonl   # rewrite from saved results, no runs
 
 Each generated table in README.md sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`
-and is entirely this script's output, followed by the date and the machine it ran on. Every run's
-JSON result is appended to --jsonl (default benchmarks/readme_figures.jsonl) as
-{"table", "key", "result"}, so a table can be rebuilt without rerunning. The demo runs from scratch
+and is entirely this script's output: one row per job with the date and 1-minute load it was measured
+at, then the machine. Every run's JSON result is appended to --jsonl (default
+benchmarks/readme_figures.jsonl, committed) as {"table", "key", "result", "date", "machine", "load"};
+the tables are rebuilt from all of its records (the newest per row wins), so `--only` reruns some
+rows and keeps the others. The demo runs from scratch
 in a fresh temporary workdir (then once more, to time the resume); expect one to two hours on the
 project's 2-core CPU. Last line of output: one JSON object (what was rewritten).
 """
@@ -67,8 +69,8 @@ def _duration(seconds: float) -> str:
 
 
 def demo_row(variant: str, r: Dict) -> List[str]:
-    """r: the first run's metrics.json plus `resume_seconds` (the second run's)."""
-    return [f"`{variant}`", _duration(r["this_run_seconds"]), _duration(r["resume_seconds"]),
+    """r: the first run's metrics.json plus the wall time of its command and of the rerun (resume)."""
+    return [f"`{variant}`", _duration(r.get("command_seconds", r["this_run_seconds"])), _duration(r["resume_seconds"]),
             f"{r['fid']:.1f} (real train images: {r['fid_real_train']:.2f})", f"{100 * r['class_accuracy']:.1f} %"]
 
 
@@ -87,8 +89,11 @@ FORMATS: Dict[str, Callable[[Dict], str]] = {
     "sample_speed": _sample_speed,
     "kmeans": lambda r: (f"{r['seconds']:.2f} s compiled, {r['seconds_with_compile']:.2f} s with compilation; "
                          f"intra-cluster MSE {r['intra_mse']:.4f}, {r['iterations']} iterations"),
-    "memory": lambda r: (f"{r['gib_per_device']:.1f} GiB per device ({r['remat']} remat): "
-                         f"{'fits' if r['fits_limit'] else 'does not fit'} {r['limit_gib']:g} GiB"),
+    "restore_memory": lambda r: (f"params {r['params_bytes'] / 2**30:.2f} GiB; sampling restore peak RSS "
+                                 f"+{r['peak_rss_bytes'] / 2**30:.2f} GiB ({r['ratio']:.2f}x; goal "
+                                 f"{r['goal_ratio']:g}x; largest array {r['largest_array_bytes'] / 2**30:.2f} GiB)"
+                                 + (f"; whole train state {r['full_state_ratio']:.2f}x" if "full_state_ratio" in r
+                                    else "")),
     "extract_speed": lambda r: (f"{r['variant']}, {r['image_size']} px, ten-crop: {r['images_per_sec']:.3f} images/s "
                                 f"({r['views_per_sec']:.2f} views/s); host preprocessing "
                                 f"{r['preprocess_images_per_sec']:.0f} images/s"),
@@ -104,8 +109,8 @@ FORMATS: Dict[str, Callable[[Dict], str]] = {
 }
 
 HEADERS = {
-    "demo": ["variant", "wall time", "resume (2nd run)", "FID", "class accuracy"],
-    "benchmarks": ["command", "result"],
+    "demo": ["variant", "wall time", "resume (2nd run)", "FID", "class accuracy", "measured"],
+    "benchmarks": ["command", "result", "measured"],
 }
 
 
@@ -121,21 +126,29 @@ def table_markdown(table: str, rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def build_tables(results: List[Dict], machine: str, date: str) -> Dict[str, str]:
-    """{table: markdown} from {"table", "key", "result"} records (the newest per key wins), rows in
-    JOBS order, each table followed by its provenance line: the date and machine its newest record
-    was measured on (`machine`, `date` for records without them)."""
-    latest = {(r["table"], r["key"]): r["result"] for r in results}
-    prov = {r["table"]: (r.get("date", date), r.get("machine", machine)) for r in results}
+def _measured(rec: Dict) -> str:
+    load = rec.get("load")
+    return rec.get("date", "?") + ("" if load is None else f", load {load:.1f}")
+
+
+def build_tables(results: List[Dict], machine: str) -> Dict[str, str]:
+    """{table: markdown} from {"table", "key", "result", "date", "load", "machine"} records (the newest
+    per key wins), rows in JOBS order, each with its own date and load; then the machine the
+    newest record of the table ran on (`machine` for records without one)."""
+    latest = {(r["table"], r["key"]): r for r in results}
     out: Dict[str, List[List[str]]] = {}
+    newest: Dict[str, Dict] = {}
     for job in JOBS:
-        r = latest.get((job.table, job.key))
-        if r is None:
+        rec = latest.get((job.table, job.key))
+        if rec is None:
             continue
+        r = rec["result"]
         row = demo_row(job.key, r) if job.table == "demo" else bench_row(job.key, r)
-        out.setdefault(job.table, []).append(row)
-    return {t: table_markdown(t, rows) + "\n\nGenerated by `python benchmarks/readme_figures.py` on {}: {}.".format(*prov[t])
-            for t, rows in out.items()}
+        out.setdefault(job.table, []).append(row + [_measured(rec)])
+        if rec.get("date", "") >= newest.get(job.table, {}).get("date", ""):
+            newest[job.table] = rec
+    return {t: table_markdown(t, rows) + "\n\nGenerated by `python benchmarks/readme_figures.py` on {}.".format(
+        newest[t].get("machine", machine)) for t, rows in out.items()}
 
 
 def rewrite(text: str, tables: Dict[str, str]) -> str:
@@ -160,8 +173,7 @@ def machine_description() -> str:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{os.cpu_count()} cores of {cpu}, Python {platform.python_version()}, 1-minute load {load:.1f} at the end"
+    return f"{os.cpu_count()} cores of {cpu}, Python {platform.python_version()}"
 
 
 def last_json(stdout: str) -> Dict:
@@ -177,13 +189,15 @@ def run_job(job: Job, env) -> Dict:
             wd = os.path.join(d, job.key)
             cmd = [sys.executable, "-m", "iar_jax.cli", "demo", f"--variant={job.key}", f"--workdir={wd}",
                    "--noprogress"]
-            subprocess.run(cmd, env=env, cwd=ROOT, check=True)
-            with open(os.path.join(wd, "metrics.json")) as f:
-                first = json.load(f)
-            subprocess.run(cmd, env=env, cwd=ROOT, check=True)
-            with open(os.path.join(wd, "metrics.json")) as f:
-                first["resume_seconds"] = json.load(f)["this_run_seconds"]
-            return first
+            walls = []
+            for _ in range(2):  # the whole command, interpreter start and imports included
+                t0 = time.time()
+                subprocess.run(cmd, env=env, cwd=ROOT, check=True)
+                walls.append(time.time() - t0)
+                if len(walls) == 1:
+                    with open(os.path.join(wd, "metrics.json")) as f:
+                        first = json.load(f)
+            return dict(first, command_seconds=walls[0], resume_seconds=walls[1])
     p = subprocess.run([sys.executable, *job.cmd], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return last_json(p.stdout)
 
@@ -196,11 +210,15 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="print the tables, leave README.md as it is")
     args = ap.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
+    source = args.from_jsonl or args.jsonl
     results: List[Dict] = []
-    if args.from_jsonl:
-        with open(args.from_jsonl) as f:
+    if os.path.exists(source):
+        with open(source) as f:
             results = [json.loads(ln) for ln in f if ln.strip()]
-    else:
+    elif args.from_jsonl:
+        raise SystemExit(f"--from_jsonl={args.from_jsonl} does not exist; name a file this script wrote")
+    n_old = len(results)
+    if not args.from_jsonl:
         env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
                "IAR_JAX_COMPILATION_CACHE": "off",  # figures are measured with an empty compilation cache
                # the README's advice for CPU users: glibc's huge pages
@@ -211,12 +229,13 @@ def main(argv=None):
                 continue
             t0 = time.time()
             rec = {"table": job.table, "key": job.key, "result": run_job(job, env)}
-            rec.update(machine=machine_description(), date=datetime.date.today().isoformat())
+            rec.update(machine=machine_description(), date=datetime.date.today().isoformat(),
+                       load=round(os.getloadavg()[0], 1))  # 1-minute load at the end of the job
             print(f"{job.key}: {time.time() - t0:.0f} s {json.dumps(rec['result'])}", flush=True)
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             results.append(rec)
-    tables = build_tables(results, machine_description(), datetime.date.today().isoformat())
+    tables = build_tables(results, machine_description())
     with open(README) as f:
         text = f.read()
     new = rewrite(text, tables)
@@ -226,7 +245,8 @@ def main(argv=None):
         with open(README + ".tmp", "w") as f:
             f.write(new)
         os.replace(README + ".tmp", README)
-    print(json.dumps({"tables": sorted(tables), "rows": len(results), "readme_changed": new != text and not args.dry_run}))
+    print(json.dumps({"tables": sorted(tables), "records": len(results), "new_records": len(results) - n_old,
+                      "readme_changed": new != text and not args.dry_run}))
 
 
 if __name__ == "__main__":
