@@ -79,12 +79,19 @@ def test_rewrite_replaces_only_between_markers():
         rf.rewrite("no markers here", tables)
 
 
-def test_from_jsonl_dry_run_leaves_the_readme(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def saved(tmp_path, monkeypatch):
+    """LINES saved as a JSON-lines file and README as the script's README; returns (jsonl, readme)."""
     p = tmp_path / "runs.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in LINES))
     readme = tmp_path / "README.md"
     readme.write_text(README)
     monkeypatch.setattr(rf, "README", str(readme))
+    return p, readme
+
+
+def test_from_jsonl_dry_run_leaves_the_readme(saved, tmp_path, capsys):
+    p, readme = saved
     rf.main([f"--from_jsonl={p}", "--dry-run"])
     assert readme.read_text() == README
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["readme_changed"] is False
@@ -94,13 +101,9 @@ def test_from_jsonl_dry_run_leaves_the_readme(tmp_path, capsys, monkeypatch):
         rf.main([f"--from_jsonl={tmp_path / 'missing.jsonl'}"])
 
 
-def test_a_partial_rerun_keeps_the_other_rows(tmp_path, capsys, monkeypatch):
+def test_a_partial_rerun_keeps_the_other_rows(saved, capsys, monkeypatch):
     """--only reruns some jobs; the table is rebuilt from the saved records plus the new ones."""
-    jsonl = tmp_path / "runs.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in LINES))
-    readme = tmp_path / "README.md"
-    readme.write_text(README)
-    monkeypatch.setattr(rf, "README", str(readme))
+    jsonl, readme = saved
     new = {"seconds": 0.5, "seconds_with_compile": 1.0, "intra_mse": 0.04, "iterations": 7}
     monkeypatch.setattr(rf, "run_job", lambda job, env: new)
     rf.main(["--only=kmeans", f"--jsonl={jsonl}"])
