@@ -99,7 +99,8 @@ FORMATS: Dict[str, Callable[[Dict], str]] = {
                                 f"{r['preprocess_images_per_sec']:.0f} images/s"),
     "tokenizer_speed": lambda r: (f"encode {r['encode_images_per_sec']:.2f}, decode {r['decode_images_per_sec']:.2f} "
                                   "images/s"),
-    "tokenizer_quality": lambda r: (f"tiny tokenizer: PSNR {r['psnr']:.1f} dB, SSIM {r['ssim']:.3f}, usage "
+    "tokenizer_quality": lambda r: (f"`{r.get('single_variant', 'tiny')}` tokenizer: PSNR {r['psnr']:.1f} dB, "
+                                    f"SSIM {r['ssim']:.3f}, usage "
                                     f"{100 * r['usage']:.0f} %" + (f"; dual {r['dual_psnr']:.1f} dB vs single "
                                                                     f"256-code {r['dual_psnr'] - r['dual_minus_single256_psnr']:.1f} dB"
                                                                     if "dual_psnr" in r else "")),
