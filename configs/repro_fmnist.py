@@ -51,7 +51,7 @@ def get_config(arg=None):
 
     ar = c.ar = _load("iar").get_config("tiny,grid=7,classes=10")
     # dim 96, not the demo's 128: a cheaper step (the 4096-code head is most of it); both baselines still
-    # flatten by step 1000 (batch 32 for 500 steps did not).
+    # flatten by step 1000 (at dim 128, batch 32 for 500 steps did not).
     ar.model.update(dict(dim=96, n_head=4, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0))
     ar.optim.update(dict(lr=2e-3, schedule="cosine", min_lr=1e-4, warmup_steps=20))
     ar.train.update(dict(global_batch=64, num_steps=1000, log_every=100))
