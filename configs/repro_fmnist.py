@@ -61,6 +61,7 @@ def get_config(arg=None):
     c.seeds = 5
     c.eval_every = 200  # K: FID at steps K, 2K, ..., num_steps
     c.eval_per_class = 200  # class-balanced samples per FID point (10 classes)
+    c.decode_batch = 250  # images per decoder call (0 = a whole FID point at once; 250 is ~1.5x faster on CPU)
     c.cfg_scale = 1.0  # constant classifier-free guidance while sampling (1 = off: half the sampling cost)
     c.ref_split = "test"  # FID reference images
     c.keep_samples = True  # keep the final samples of each run (grid.png + samples.npz)

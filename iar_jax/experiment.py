@@ -312,6 +312,7 @@ class Evaluator:
         self.decoder = gen.vq_decoder(vq_cfg, jax.device_put(vq_params))
         self._decode_fns: Dict[bytes, Any] = {}
         self.grid = int(run_cfg.model.grid_size)
+        self.decode_batch = int(config.decode_batch)
         self.num_classes = int(run_cfg.model.num_classes)
         self.labels = gen.class_labels(0, self.num_classes, int(config.eval_per_class))
         dp = sharding.data_parallel_size(self.mesh) * jax.process_count()
@@ -335,7 +336,8 @@ class Evaluator:
         params = jax.device_put(params, self.param_shardings)
         key = mapping.tobytes()  # one id lookup (a small jit) per arm's mapping, not per FID point
         if key not in self._decode_fns:
-            self._decode_fns[key] = gen.make_decode_fn(self.decoder, self.grid, False, np.argsort(mapping))
+            self._decode_fns[key] = _in_batches(
+                gen.make_decode_fn(self.decoder, self.grid, False, np.argsort(mapping)), self.decode_batch)
         decode_fn = self._decode_fns[key]
         gen.generate(self.sample_fn, params, self.labels, out_dir, global_batch=self.global_batch, mesh=self.mesh,
                      decode_fn=decode_fn, num_classes=self.num_classes, seed=seed,
@@ -357,6 +359,17 @@ class Evaluator:
         preds = [np.asarray(self.forward(params, mapping[codes[i:i + batch]], labels[i:i + batch]))
                  for i in range(0, len(codes), batch)]
         return wrong_in_right_cluster(order[np.concatenate(preds)], codes, self.kmeans_cluster)
+
+
+def _in_batches(fn, batch: int):
+    """fn over rows in slices of `batch` (0 = all at once): bounds the decoder's activations."""
+    if batch <= 0:
+        return fn
+
+    def batched(x):
+        import jax.numpy as jnp
+        return jnp.concatenate([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+    return batched
 
 
 def eval_steps(run_cfg, config) -> List[int]:

@@ -57,6 +57,19 @@ def test_wrong_in_right_cluster():
     assert math.isnan(E.wrong_in_right_cluster(target, target, cluster_of))
 
 
+def test_in_batches_covers_every_row_in_order():
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape[0])
+        return x * 2.0
+
+    x = np.arange(14.0).reshape(7, 2)
+    np.testing.assert_array_equal(np.asarray(E._in_batches(fn, 3)(x)), x * 2.0)
+    assert calls == [3, 3, 1]  # a remainder slice, no padding
+    assert E._in_batches(fn, 0) is fn  # 0 = one call
+
+
 def test_random_mapping_is_a_seeded_permutation():
     m = E.random_mapping(64, 3)
     assert sorted(m.tolist()) == list(range(64))
@@ -110,6 +123,7 @@ def _tiny_config():
     c.seeds = 2
     c.eval_every = 2
     c.eval_per_class = 2
+    c.decode_batch = 8  # 20 samples: two slices and a remainder
     c.bootstrap = 50
     c.keep_samples = False
     c.parallel_regimes = False
