@@ -66,5 +66,5 @@ def get_config(arg=None):
     c.ref_split = "test"  # FID reference images
     c.keep_samples = True  # keep the final samples of each run (grid.png + samples.npz)
     c.bootstrap = 2000  # resamples of the seeds for the 95% intervals
-    c.parallel_regimes = True  # one process per regime (a tiny-model process uses about one of 2 cores)
+    c.parallel_regimes = True  # one worker process per regime, then the other regimes' runs (about a core each)
     return c

@@ -25,6 +25,7 @@ Its 95% interval resamples the seeds with replacement (the same seeds for every 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -471,36 +472,84 @@ def _validate(config):
     return regime_configs(config)
 
 
-def run_regime(config, workdir: str, regime: str) -> None:
-    """Stages and every (seed, arm) run of one regime, seed-major (a partial regime stays paired);
-    its own report and timings in WORKDIR/REGIME/."""
+@contextlib.contextmanager
+def _flock(path: str, blocking: bool = True):
+    """An exclusive lock on `path` (yields False when `blocking` is off and another process holds it);
+    the kernel drops it when the holder dies, so a killed worker never leaves a stale claim."""
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_timings(rdir: str) -> Dict[str, float]:
+    """Seconds per stage and run of a regime, summed over the workers' timings*.json."""
+    total: Dict[str, float] = {}
+    for name in sorted(os.listdir(rdir)) if os.path.isdir(rdir) else []:
+        if name.startswith("timings") and name.endswith(".json"):
+            for k, v in pipeline.read_json(os.path.join(rdir, name), {}).items():
+                total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def run_regime(config, workdir: str, regime: str, worker: int = 0) -> None:
+    """Stages and every unclaimed (seed, arm) run of one regime, seed-major (a partial regime stays
+    paired); its own report in WORKDIR/REGIME/. Several workers may run a regime at once: the stages
+    run under a lock, and each run is claimed with a lock that a busy run's holder keeps."""
     tok_cfg, m = _validate(config)[regime]
     rdir = os.path.join(workdir, regime)
-    os.makedirs(rdir, exist_ok=True)
-    timings = pipeline.read_json(os.path.join(rdir, "timings.json"), {})
+    os.makedirs(os.path.join(rdir, "runs"), exist_ok=True)
+    timings_path = os.path.join(rdir, f"timings.w{worker}.json")
+    timings = pipeline.read_json(timings_path, {})
 
     def timed(name, fn, *args):
         t0 = time.time()
         out = fn(*args)
         timings[name] = timings.get(name, 0.0) + time.time() - t0
-        pipeline.write_json(os.path.join(rdir, "timings.json"), timings)
+        pipeline.write_json(timings_path, timings)
         return out
 
     train, coded, ref, _ = load_datasets(config)
     n_codes = int(tok_cfg.model.codebook_size)
-    tok_dir, kmeans, codes_dir, held_dir = timed("stages", stages, config, rdir, tok_cfg, m, train, coded,
-                                                 _head(ref, int(config.heldout_images)))
-    base_cfg = run_config(config, "baseline", 0, codes_dir, tok_dir, kmeans, n_codes, m)
-    evaluator = timed("evaluator_setup", Evaluator, config, base_cfg, tok_dir, kmeans, m, held_dir,
-                      np.load(os.path.join(workdir, "ref_features.npy")))
+    with _flock(os.path.join(rdir, "stages.lock")):
+        tok_dir, kmeans, codes_dir, held_dir = timed("stages", stages, config, rdir, tok_cfg, m, train, coded,
+                                                     _head(ref, int(config.heldout_images)))
     info = _info(config, {regime: (tok_cfg, m)}, train, coded, ref)
+    steps = eval_steps(config.ar, config)
+    evaluator = None  # compiled on the first run this worker has to do
     for seed in range(int(config.seeds)):
         for arm in _arms(config):
-            cfg = run_config(config, arm, seed, codes_dir, tok_dir, arm_mapping(rdir, arm, seed, kmeans, n_codes),
-                             n_codes, m)
-            timed(f"{arm}_s{seed}", train_and_eval_run, config, run_paths(rdir, arm, seed), cfg, evaluator, seed)
-            report = write_report(config, workdir, [regime], dict(info, timings={regime: timings}), out=rdir)
+            run_dir = run_paths(rdir, arm, seed)
+            with _flock(run_dir + ".lock", blocking=False) as mine:
+                if not mine or read_curve(run_dir, steps) is not None:
+                    continue
+                if evaluator is None:
+                    base_cfg = run_config(config, "baseline", 0, codes_dir, tok_dir, kmeans, n_codes, m)
+                    evaluator = timed("evaluator_setup", Evaluator, config, base_cfg, tok_dir, kmeans, m, held_dir,
+                                      np.load(os.path.join(workdir, "ref_features.npy")))
+                cfg = run_config(config, arm, seed, codes_dir, tok_dir,
+                                 arm_mapping(rdir, arm, seed, kmeans, n_codes), n_codes, m)
+                timed(f"{arm}_s{seed}", train_and_eval_run, config, run_dir, cfg, evaluator, seed)
+            with _flock(os.path.join(rdir, "report.lock")):
+                report = write_report(config, workdir, [regime], dict(info, timings={regime: read_timings(rdir)}),
+                                      out=rdir)
             logging.info("after %s %s seed %d:\n%s", regime, arm, seed, table_markdown(report["tables"]))
+
+
+def run_worker(config, workdir: str, regimes: Sequence[str], worker: int) -> None:
+    """Worker `worker` of len(regimes): starts on regimes[worker], then helps with the others' runs
+    (a worker whose regime is cheap does not sit idle while another regime still has runs to do)."""
+    regimes = list(regimes)
+    for regime in regimes[worker:] + regimes[:worker]:
+        run_regime(config, workdir, regime, worker)
 
 
 def _info(config, regimes, train, coded, ref) -> Dict[str, Any]:
@@ -517,8 +566,8 @@ def _info(config, regimes, train, coded, ref) -> Dict[str, Any]:
 
 
 def _run_children(config, workdir: str, regimes: Sequence[str]) -> None:
-    """One `python -m iar_jax.experiment` process per regime (log in WORKDIR/REGIME/log.txt); SIGTERM
-    is passed on to them (each saves its run and exits 143)."""
+    """One `python -m iar_jax.experiment` worker process per regime (log in WORKDIR/worker{i}.log);
+    SIGTERM is passed on to them (each saves its run and exits 143)."""
     import pickle
     import signal
     import subprocess
@@ -531,11 +580,10 @@ def _run_children(config, workdir: str, regimes: Sequence[str]) -> None:
         pickle.dump(config, f)
     os.replace(cfg_path + ".tmp", cfg_path)
     procs = {}
-    for r in regimes:
-        os.makedirs(os.path.join(workdir, r), exist_ok=True)
-        with open(os.path.join(workdir, r, "log.txt"), "a") as log:
-            procs[r] = subprocess.Popen([sys.executable, "-m", "iar_jax.experiment", cfg_path, workdir, r],
-                                        stdout=log, stderr=subprocess.STDOUT)
+    for i, r in enumerate(regimes):
+        with open(os.path.join(workdir, f"worker{i}.log"), "a") as log:
+            procs[r] = subprocess.Popen([sys.executable, "-m", "iar_jax.experiment", cfg_path, workdir, str(i),
+                                         *regimes], stdout=log, stderr=subprocess.STDOUT)
     old = signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs.values()])
     try:
         codes = {r: p.wait() for r, p in procs.items()}
@@ -546,13 +594,15 @@ def _run_children(config, workdir: str, regimes: Sequence[str]) -> None:
         raise runtime.Preempted(f"experiment in {workdir} stopped by SIGTERM; run the same command again to resume")
     if failed:
         r, c = next(iter(failed.items()))
-        raise RuntimeError(f"regime {r} failed (exit {c}); see {os.path.join(workdir, r, 'log.txt')}")
+        i = list(regimes).index(r)
+        raise RuntimeError(f"experiment worker {i} failed (exit {c}); see {os.path.join(workdir, f'worker{i}.log')}")
 
 
 def run(config, workdir: str) -> Dict[str, Any]:
     """The whole experiment (resumable); returns the report written to workdir/table.json. With
-    `config.parallel_regimes`, each regime runs in its own process (two on a 2-core machine: one
-    tiny-model process leaves about a core idle; also with one regime, which the tests use)."""
+    `config.parallel_regimes`, one worker process per regime (two on a 2-core machine: one tiny-model
+    process leaves about a core idle; also with one regime, which the tests use), each starting on its
+    own regime and then taking the others' unclaimed runs."""
     t_start = time.time()
     regimes = _validate(config)
     os.makedirs(workdir, exist_ok=True)
@@ -571,11 +621,11 @@ def run(config, workdir: str) -> Dict[str, Any]:
             run_regime(config, workdir, regime)
     info = dict(_info(config, regimes, train, coded, ref), note=note,
                 wall_seconds_this_invocation=time.time() - t_start,
-                timings={r: pipeline.read_json(os.path.join(workdir, r, "timings.json"), {}) for r in regimes})
+                timings={r: read_timings(os.path.join(workdir, r)) for r in regimes})
     return write_report(config, workdir, list(regimes), info)
 
 
-if __name__ == "__main__":  # one regime of `run` with parallel_regimes: CONFIG.pkl WORKDIR REGIME
+if __name__ == "__main__":  # one worker of `run` with parallel_regimes: CONFIG.pkl WORKDIR WORKER REGIME...
     import pickle
     import sys
 
@@ -587,7 +637,7 @@ if __name__ == "__main__":  # one regime of `run` with parallel_regimes: CONFIG.
         _config = pickle.load(f)
     runtime.resolve_kernels(_config.ar)
     try:
-        run_regime(_config, sys.argv[2], sys.argv[3])
+        run_worker(_config, sys.argv[2], sys.argv[4:], int(sys.argv[3]))
     except runtime.Preempted as e:
         logging.warning("%s", e)
         sys.exit(runtime.PREEMPTED_EXIT_CODE)

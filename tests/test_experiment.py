@@ -70,6 +70,21 @@ def test_in_batches_covers_every_row_in_order():
     assert E._in_batches(fn, 0) is fn  # 0 = one call
 
 
+def test_flock_claims_and_timings_sum_over_workers(tmp_path):
+    path = str(tmp_path / "run.lock")
+    with E._flock(path) as held:
+        assert held
+        with E._flock(path, blocking=False) as other:  # a second open file: another claimant
+            assert other is False
+    with E._flock(path, blocking=False) as again:
+        assert again  # released on exit
+    with open(tmp_path / "timings.w0.json", "w") as f:
+        json.dump({"stages": 2.0, "iar_s0": 5.0}, f)
+    with open(tmp_path / "timings.w1.json", "w") as f:
+        json.dump({"stages": 0.5, "iar_s1": 7.0}, f)
+    assert E.read_timings(str(tmp_path)) == {"stages": 2.5, "iar_s0": 5.0, "iar_s1": 7.0}
+
+
 def test_random_mapping_is_a_seeded_permutation():
     m = E.random_mapping(64, 3)
     assert sorted(m.tolist()) == list(range(64))
@@ -178,7 +193,26 @@ def test_tiny_experiment_writes_outputs_and_resumes(tmp_path):
     work = str(tmp_path / "exp")
     tok_cfg, _ = E.regime_configs(_tiny_config())["tiny"]
     _random_tokenizer(tok_cfg, os.path.join(work, "tiny", "tokenizer"))
-    report = E.run(_tiny_config(), work)
+    # Another worker holds the claim on random seed 1: this run leaves it alone and does the rest.
+    os.makedirs(os.path.join(work, "tiny", "runs"))
+    with E._flock(os.path.join(work, "tiny", "runs", "random_s1.lock")):
+        first = E.run(_tiny_config(), work)
+    assert not os.path.exists(os.path.join(work, "tiny", "runs", "random_s1"))
+    with open(os.path.join(work, "tiny", "runs", "iar_s1", "evals.json")) as f:
+        evals = json.load(f)
+    # Resuming, through a worker process this time: only the unclaimed run trains; nothing else is
+    # retrained or re-evaluated.
+    c = _tiny_config()
+    c.parallel_regimes = True
+    assert not os.path.exists(os.path.join(work, "worker0.log"))
+    report = E.run(c, work)
+    assert os.path.getsize(os.path.join(work, "worker0.log")) > 0  # the worker process's log
+    with open(os.path.join(work, "tiny", "runs", "iar_s1", "evals.json")) as f:
+        assert json.load(f) == evals
+    assert set(first["curves"]["tiny"]["random"]) == {"0"}  # only finished runs; pairing keeps seed 0 alone
+    for arm in ("baseline", "iar"):
+        assert report["curves"]["tiny"][arm] == first["curves"]["tiny"][arm]
+    assert set(report["timings"]["tiny"]) >= {"stages", "baseline_s0", "random_s1"}
     for name in ("curves.png", "table.md", "table.json"):
         assert os.path.getsize(os.path.join(work, name)) > 0
     with open(os.path.join(work, "table.json")) as f:
@@ -200,15 +234,3 @@ def test_tiny_experiment_writes_outputs_and_resumes(tmp_path):
     assert all(sorted(m.tolist()) == list(range(64)) for m in maps) and not np.array_equal(*maps)
     # The loss (and for random, the clusters) is the only difference between arms of a seed.
     assert len({tuple(curves[a]["0"]["fid"]) for a in rows}) == 3
-    with open(os.path.join(work, "tiny", "runs", "iar_s1", "evals.json")) as f:
-        evals = json.load(f)
-    # Resuming, through a regime process this time: nothing is retrained or re-evaluated, the same
-    # table comes back.
-    c = _tiny_config()
-    c.parallel_regimes = True
-    assert not os.path.exists(os.path.join(work, "tiny", "log.txt"))
-    again = E.run(c, work)
-    assert os.path.getsize(os.path.join(work, "tiny", "log.txt")) > 0  # the regime process's log
-    with open(os.path.join(work, "tiny", "runs", "iar_s1", "evals.json")) as f:
-        assert json.load(f) == evals
-    assert again["tables"] == report["tables"]
