@@ -364,11 +364,12 @@ class Evaluator:
 
 def _in_batches(fn, batch: int):
     """fn over rows in slices of `batch` (0 = all at once): bounds the decoder's activations."""
+    import jax.numpy as jnp
+
     if batch <= 0:
         return fn
 
     def batched(x):
-        import jax.numpy as jnp
         return jnp.concatenate([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
     return batched
 
@@ -603,26 +604,36 @@ def run(config, workdir: str) -> Dict[str, Any]:
     `config.parallel_regimes`, one worker process per regime (two on a 2-core machine: one tiny-model
     process leaves about a core idle; also with one regime, which the tests use), each starting on its
     own regime and then taking the others' unclaimed runs."""
+    from iar_jax import checkpointing
+    from iar_jax.evaluation import small_cnn
+
     t_start = time.time()
     regimes = _validate(config)
     os.makedirs(workdir, exist_ok=True)
-    from iar_jax.evaluation import small_cnn
-
-    train, coded, ref, note = load_datasets(config)
-    ref_path = os.path.join(workdir, "ref_features.npy")
-    if not os.path.exists(ref_path):  # before any regime process starts: they share it
-        ref_images = ref.images if ref.images.ndim == 4 else ref.images[..., None]
-        np.save(ref_path + ".tmp.npy", small_cnn.predict(small_cnn.load_params(), ref_images)["features"])
-        os.replace(ref_path + ".tmp.npy", ref_path)
-    if bool(config.parallel_regimes):
-        _run_children(config, workdir, list(regimes))
-    else:
-        for regime in regimes:
-            run_regime(config, workdir, regime)
-    info = dict(_info(config, regimes, train, coded, ref), note=note,
-                wall_seconds_this_invocation=time.time() - t_start,
-                timings={r: read_timings(os.path.join(workdir, r)) for r in regimes})
-    return write_report(config, workdir, list(regimes), info)
+    with checkpointing.WorkdirLock(workdir):  # one experiment per workdir (its workers share the runs)
+        train, coded, ref, note = load_datasets(config)
+        ref_path = os.path.join(workdir, "ref_features.npy")
+        if not os.path.exists(ref_path):  # before any regime process starts: they share it
+            ref_images = ref.images if ref.images.ndim == 4 else ref.images[..., None]
+            np.save(ref_path + ".tmp.npy", small_cnn.predict(small_cnn.load_params(), ref_images)["features"])
+            os.replace(ref_path + ".tmp.npy", ref_path)
+        if bool(config.parallel_regimes):
+            _run_children(config, workdir, list(regimes))
+        else:
+            for regime in regimes:
+                run_regime(config, workdir, regime)
+        info = dict(_info(config, regimes, train, coded, ref), note=note,
+                    wall_seconds_this_invocation=time.time() - t_start,
+                    timings={r: read_timings(os.path.join(workdir, r)) for r in regimes})
+        report = write_report(config, workdir, list(regimes), info)
+    # A run whose claim another process held was skipped: not finished, so no success exit.
+    missing = [f"{r}/{a}_s{s}" for r, arms in report["curves"].items() for a in _arms(config)
+               for s in range(int(config.seeds)) if str(s) not in arms.get(a, {})]
+    if missing:
+        raise checkpointing.WorkdirLockedError(
+            f"experiment in {workdir} is unfinished: {', '.join(missing)} were held by another process; "
+            "rerun the same command when it has stopped")
+    return report
 
 
 if __name__ == "__main__":  # one worker of `run` with parallel_regimes: CONFIG.pkl WORKDIR WORKER REGIME...

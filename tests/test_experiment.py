@@ -85,6 +85,15 @@ def test_flock_claims_and_timings_sum_over_workers(tmp_path):
     assert E.read_timings(str(tmp_path)) == {"stages": 2.5, "iar_s0": 5.0, "iar_s1": 7.0}
 
 
+def test_second_experiment_on_a_workdir_is_refused(tmp_path):
+    from iar_jax import checkpointing
+
+    with checkpointing.WorkdirLock(str(tmp_path)):
+        with pytest.raises(checkpointing.WorkdirLockedError, match="is in use by process"):
+            E.run(_tiny_config(), str(tmp_path))
+    assert os.listdir(tmp_path) == []  # refused before any work; the holder's lock is gone with it
+
+
 def test_random_mapping_is_a_seeded_permutation():
     m = E.random_mapping(64, 3)
     assert sorted(m.tolist()) == list(range(64))
@@ -196,7 +205,11 @@ def test_tiny_experiment_writes_outputs_and_resumes(tmp_path):
     # Another worker holds the claim on random seed 1: this run leaves it alone and does the rest.
     os.makedirs(os.path.join(work, "tiny", "runs"))
     with E._flock(os.path.join(work, "tiny", "runs", "random_s1.lock")):
-        first = E.run(_tiny_config(), work)
+        with pytest.raises(ValueError, match="unfinished: tiny/random_s1 were held by another process"):
+            E.run(_tiny_config(), work)  # not a success exit
+    assert not os.path.exists(os.path.join(work, "train.lock"))  # the experiment's lock is released
+    with open(os.path.join(work, "table.json")) as f:
+        first = json.load(f)  # the partial report is still written
     assert not os.path.exists(os.path.join(work, "tiny", "runs", "random_s1"))
     with open(os.path.join(work, "tiny", "runs", "iar_s1", "evals.json")) as f:
         evals = json.load(f)
